@@ -1,0 +1,132 @@
+"""Small helpers shared by the convolution modules: argument checks, padding, strided side paths.
+
+Every module in :mod:`leanconv.layers` is a drop-in replacement for a "same"-padded
+``nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=dilation*(kernel_size-1)//2,
+dilation)``: for an input of size H x W it returns ``ceil(H/stride) x ceil(W/stride)``. Side paths
+that do not carry the strided k x k convolution (1x1 branches, identity slices) are downsampled
+with :func:`downsample`, which yields exactly that size for even and odd inputs alike.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "as_fraction",
+    "channel_shuffle",
+    "check_choice",
+    "check_conv_args",
+    "check_divisible",
+    "check_positive_int",
+    "check_ratio",
+    "conv_output_size",
+    "downsample",
+    "same_padding",
+]
+
+
+def same_padding(kernel_size: int, dilation: int = 1) -> int:
+    """Padding that keeps ``ceil(H / stride)`` outputs for an odd kernel."""
+    return dilation * (kernel_size - 1) // 2
+
+
+def conv_output_size(size: int, kernel_size: int, stride: int, dilation: int = 1) -> int:
+    """Output length of a same-padded convolution along one axis (``ceil(size / stride)``)."""
+    padding = same_padding(kernel_size, dilation)
+    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_conv_args(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int,
+    padding: int | str | None,
+    dilation: int,
+) -> int:
+    """Validate the ``nn.Conv2d``-shaped arguments shared by every module; return the padding.
+
+    Only "same" padding is supported (``None``, ``"same"`` or ``dilation * (kernel_size - 1) // 2``):
+    the modules add or concatenate branches whose sizes must agree, so any other padding has no
+    consistent meaning.
+    """
+    check_positive_int("in_channels", in_channels)
+    check_positive_int("out_channels", out_channels)
+    check_positive_int("kernel_size", kernel_size)
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (1, 3, 5, ...), got {kernel_size}")
+    check_positive_int("stride", stride)
+    check_positive_int("dilation", dilation)
+    expected = same_padding(kernel_size, dilation)
+    if padding is None or padding == "same" or padding == expected:
+        return expected
+    if isinstance(padding, tuple) and all(p == expected for p in padding):
+        return expected
+    raise ValueError(
+        f"padding must be None, 'same' or dilation*(kernel_size-1)//2 = {expected} "
+        f"(kernel_size={kernel_size}, dilation={dilation}), got {padding!r}"
+    )
+
+
+def check_ratio(name: str, value: Real, low_open: float = 0.0, high: float = 1.0) -> float:
+    """``value`` must lie in ``(low_open, high]``."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in ({low_open}, {high}], got {value!r}") from None
+    if not (low_open < value <= high) or math.isnan(value):
+        raise ValueError(f"{name} must be in ({low_open}, {high}], got {value}")
+    return value
+
+
+def check_divisible(name: str, value: int, divisor: int, divisor_name: str) -> None:
+    if value % divisor != 0:
+        raise ValueError(
+            f"{name}={value} must be divisible by {divisor_name}={divisor}"
+        )
+
+
+def check_choice(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def as_fraction(value: object) -> Fraction:
+    """Parse ``"4/3"``, ``"0.5"``, ``0.5`` or ``Fraction`` into an exact fraction (for hparams)."""
+    if isinstance(value, Fraction):
+        return value
+    if isinstance(value, str):
+        return Fraction(value.strip())
+    if isinstance(value, float):
+        return Fraction(value).limit_denominator(1000)
+    return Fraction(value)
+
+
+def downsample(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """Average-pool ``stride x stride`` windows, rounding the output size up.
+
+    Gives ``ceil(H / stride)`` rows, the size a same-padded strided k x k convolution returns, so
+    side paths stay aligned on odd inputs (SPConv's official 2x2 pooling floors and breaks at
+    7x7). Border windows average only the pixels they cover.
+    """
+    if stride == 1:
+        return x
+    return F.avg_pool2d(x, kernel_size=stride, stride=stride, ceil_mode=True)
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's channel shuffle: (N, g*c, H, W) -> transpose the (g, c) axes."""
+    batch, channels, height, width = x.shape
+    x = x.view(batch, groups, channels // groups, height, width).transpose(1, 2)
+    return x.reshape(batch, channels, height, width)
