@@ -21,6 +21,7 @@ from .layers import (
     convert_convs,
     create_conv,
 )
+from .models import available_models, create_model
 
 __version__ = "0.1.0"
 
@@ -34,8 +35,10 @@ __all__ = [
     "SlimConv",
     "VanillaConv",
     "available_convs",
+    "available_models",
     "conv_hparams",
     "conv_out_channels",
     "convert_convs",
     "create_conv",
+    "create_model",
 ]

@@ -1,0 +1,50 @@
+"""The model registry: ``create_model(name, conv=..., num_classes=..., **conv_hparams)``.
+
+Each architecture file decorates thin public builders with ``@register_model``. A builder has the
+signature ``builder(*, conv="vanilla", num_classes=..., in_channels=3, **conv_hparams)`` and asks
+the layer registry (:func:`leanconv.layers.create_conv`) for every conv it places, following the
+placement rules of the paper that introduced ``conv`` (see docs/placement.md).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+
+from torch import nn
+
+from ..layers import conv_hparams
+
+__all__ = ["available_models", "create_model", "register_model"]
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a builder under its function name; a duplicate name is an error."""
+    name = fn.__name__
+    if name in _MODELS and _MODELS[name] is not fn:
+        raise ValueError(f"model {name!r} is already registered")
+    _MODELS[name] = fn
+    return fn
+
+
+def available_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching the fnmatch ``pattern``, sorted."""
+    return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
+
+
+def create_model(name: str, conv: str = "vanilla", **kwargs) -> nn.Module:
+    """Build model ``name`` with conv type ``conv``; ``None``-valued kwargs are dropped.
+
+    >>> model = create_model("resnet20", conv="spconv", num_classes=10, split_ratio=0.5)
+    """
+    try:
+        builder = _MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; available models: {', '.join(available_models())}"
+        ) from None
+    conv_hparams(conv)  # unknown conv -> ValueError listing the available ones
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return builder(conv=conv, **kwargs)
