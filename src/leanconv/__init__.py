@@ -22,6 +22,7 @@ from .layers import (
     create_conv,
 )
 from .models import available_models, create_model
+from .profile import ProfileReport, profile
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "SRU",
     "CompConv",
     "GhostConv",
+    "ProfileReport",
     "SCConv",
     "SPConv",
     "SlimConv",
@@ -41,4 +43,5 @@ __all__ = [
     "convert_convs",
     "create_conv",
     "create_model",
+    "profile",
 ]
