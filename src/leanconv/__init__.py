@@ -21,6 +21,7 @@ from .layers import (
     convert_convs,
     create_conv,
 )
+from .inference import prepare_for_inference
 from .models import available_models, create_model
 from .profile import ProfileReport, profile
 
@@ -43,5 +44,6 @@ __all__ = [
     "convert_convs",
     "create_conv",
     "create_model",
+    "prepare_for_inference",
     "profile",
 ]
