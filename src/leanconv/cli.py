@@ -110,7 +110,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS = [_add_convs]
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="parameters, MACs (= the papers' FLOPs) and a per-layer "
+                       "table of a model, counted on the meta device")
+    p.add_argument("model", help="model name (see `leanconv.available_models()`)")
+    add_conv_arguments(p)
+    p.add_argument("--input", default="224", metavar="SIZE",
+                   help="input size: 224, 32x32 or 'cifar 32x32'; <= 64 picks the CIFAR build "
+                   "of models that have one (default: 224)")
+    p.add_argument("--classes", type=int, default=None, help="classifier width")
+    p.add_argument("--in-channels", type=int, default=None, help="input channels (default 3)")
+    p.add_argument("--layers", action="store_true", help="print one line per layer")
+    p.add_argument("--elementwise", action="store_true",
+                   help="also count norm / activation / elementwise / pooling ops")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the report as JSON")
+
+    def run(args):
+        import json
+
+        from .profile import profile
+        from .tables import build_model, parse_input
+
+        _, (h, w) = parse_input(args.input)
+        model, name = build_model(args.model, args.conv, input=args.input,
+                                  num_classes=args.classes, in_channels=args.in_channels,
+                                  **hparams_from_args(args, args.conv))
+        report = profile(model, (h, w), count_elementwise=args.elementwise)
+        hp = hparams_from_args(args, args.conv)
+        print(f"{name}  conv={args.conv}" + "".join(f" {k}={v}" for k, v in hp.items()))
+        print(report.table(layers=args.layers))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"model": name, "conv": args.conv, "hparams": hp,
+                           **report.to_dict()}, handle, indent=2)
+
+    p.set_defaults(func=run)
+
+
+def _add_tables(sub) -> None:
+    p = sub.add_parser("tables", help="reproduce the papers' Params/FLOPs rows of a targets CSV")
+    p.add_argument("--targets", default="/work/shared/targets/complexity.csv",
+                   help="CSV with columns paper,table,input,classes,model,conv,hparams,"
+                   "params_M,macs_G (see docs/reproduction.md)")
+    p.add_argument("--markdown", metavar="OUT.md", default=None, help="write a markdown table")
+    p.add_argument("--json", metavar="OUT.json", default=None,
+                   help="write one object per CSV row with measured_params_M / measured_macs_G")
+    p.add_argument("--rows", default=None, metavar="1,2,5",
+                   help="only these 1-based CSV rows")
+
+    def run(args):
+        from .tables import run_tables
+
+        rows = [int(x) for x in args.rows.split(",")] if args.rows else None
+        run_tables(args.targets, markdown=args.markdown, json_path=args.json, rows=rows)
+
+    p.set_defaults(func=run)
+
+
+_SUBCOMMANDS = [_add_convs, _add_profile, _add_tables]
 
 
 def main(argv: list[str] | None = None) -> int:
