@@ -1,13 +1,321 @@
-"""PLACEHOLDER: being written (see the modules issue)."""
+"""SlimConv (Qiu, Chen, Liu, Zhang, Zeng; arXiv 2003.07469 / IEEE TIP 30:6434, 2021).
 
+*SlimConv: Reducing Channel Redundancy in Convolutional Neural Networks by Weights Flipping*
+(journal title: *... by Features Recombining*). Three steps, §3.1 and Fig. 1:
+
+1. **Reconstruct** — a modified SE module (Fig. 2, Eq. 1) gives channel weights ``w``; the top
+   pathway sums the chunks of ``w * X``, the bottom pathway the chunks of ``flip(w) * X`` (Eq. 2).
+2. **Transform** — top: one k x k conv; bottom: a 1x1 conv halving the channels, then a k x k conv.
+3. **Fuse** — concatenate the two pathways: ``C_in / k`` output channels (§3.2).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ._utils import (
+    as_fraction,
+    check_choice,
+    check_conv_args,
+    check_divisible,
+    check_positive_int,
+)
 from .registry import register_conv
 
 __all__ = ["SlimConv"]
 
+_FLIPPING = ("flip", "none", "only")
+# k values the papers tabulate: k = 2r/3 for r = 2..8 (SlimConv Table 10), and k = 1 (SCConv
+# paper, Tables 2-3, "SlimConv-R56/R50/WRN28/D121 (k=1)").
+_TABULATED_K = ("1", "4/3", "2", "8/3", "10/3", "4", "14/3", "16/3")
+
+
+def _parse_compression_ratio(value: object) -> tuple[Fraction, int]:
+    """``k`` -> (exact k, number of summed chunks r); ``k = 2r/3`` with integer r >= 2, or k = 1.
+
+    Floats are compared with a tolerance, so ``4/3`` parsed by the CLI as ``1.333...`` is k = 4/3.
+    """
+    allowed = ", ".join(_TABULATED_K)
+    try:
+        k = float(as_fraction(value))
+    except (TypeError, ValueError, ZeroDivisionError):
+        k = math.nan
+    if math.isfinite(k) and abs(k - 1) < 1e-6:
+        return Fraction(1), 2
+    r = 1.5 * k if math.isfinite(k) else math.nan
+    if not (math.isfinite(r) and round(r) >= 2 and abs(r - round(r)) < 1e-6 * max(1.0, r)):
+        raise ValueError(
+            f"compression_ratio (k = C_in/C_out) must be 1 or 2r/3 for an integer r >= 2 "
+            f"(the papers use {allowed}), got {value!r}"
+        )
+    return Fraction(2 * round(r), 3), round(r)
+
+
+def _widths(in_channels: int, compression_ratio: object) -> tuple[Fraction, int, int, int, int]:
+    """(k, r, top width, bottom 1x1 width, bottom k x k width) for ``in_channels``; validated."""
+    check_positive_int("in_channels", in_channels)
+    k, r = _parse_compression_ratio(compression_ratio)
+    if in_channels % (2 * r):
+        raise ValueError(
+            f"in_channels={in_channels} must be divisible by 2r={2 * r} for compression_ratio={k} "
+            f"(r={r} summed chunks of C/r channels, bottom 1x1 to C/(2r) channels)"
+        )
+    top = in_channels // r
+    mid = in_channels // (2 * r)
+    # k = 1 keeps the width: the bottom k x k conv grows C/4 back to C/2 (see class docstring).
+    bottom = top if k == 1 else mid
+    return k, r, top, mid, bottom
+
+
+class _PooledBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d of the SE's ``F_fc1`` on the pooled ``(N, C, 1, 1)`` map (Eq. 1).
+
+    With one sample in training mode a pooled map has a single value per channel, where batch
+    statistics are undefined (``nn.BatchNorm2d`` raises, and zero variance would zero every
+    gradient through it). That step normalises with the running estimates instead, as in eval,
+    and leaves them unchanged. With two or more samples it is exactly ``nn.BatchNorm2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1 and self.running_mean is not None:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+        return super().forward(x)
+
 
 @register_conv("slimconv")
 class SlimConv(nn.Module):
-    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=None, dilation=1):
-        raise NotImplementedError("SlimConv is not written yet")
+    r"""SlimConv: reconstruct by weights flipping, transform, fuse (§3.1, Fig. 1).
+
+    For an input :math:`X` with :math:`C` = ``in_channels`` channels and
+    :math:`k` = ``compression_ratio`` :math:`= C_{in}/C_{out} = 2r/3` (:math:`r` summed chunks):
+
+    **Reconstruct** (Eq. 1, Fig. 2, the modified SE module)
+
+    .. math::
+        z = F_{gp}(X),\qquad
+        w = \sigma\big(F_{fc2}(\delta(\mathrm{BN}(F_{fc1}(z))))\big)\in(0,1)^C
+
+    :math:`F_{fc1}`: 1x1 conv :math:`C \to h` without bias, :math:`h = \max(\lfloor C/s\rfloor, L)`
+    (:math:`s` = ``se_reduction``, 32 in the paper; :math:`L` = ``se_min_channels``, §3.2), then
+    BN; :math:`\delta` = ReLU; :math:`F_{fc2}`: 1x1 conv :math:`h \to C` with bias;
+    :math:`\sigma` = sigmoid. Weights flipping reverses the channel order,
+    :math:`\tilde w_i = w_{C-1-i}`. Eq. 2 with the features cut into :math:`r` chunks of
+    :math:`C/r` channels (:math:`r = 2` in the paper's default, "halve"):
+
+    .. math::
+        X'_w = \sum_{j=1}^{r} (w * X)^j,\qquad X'_{\tilde w} = \sum_{j=1}^{r} (\tilde w * X)^j
+
+    **Transform** (§3.1): top :math:`T = \mathrm{BN}(F_{k\times k}(X'_w))`, :math:`C/r \to C/r`;
+    bottom :math:`B = \mathrm{BN}(F_{k\times k}(\delta(\mathrm{BN}(F_{1\times 1}
+    (X'_{\tilde w})))))`, the 1x1 conv halving :math:`C/r \to C/(2r)`, the k x k conv keeping
+    :math:`C/(2r)`.
+
+    **Fuse**: :math:`Y = [T, B]` (top first), :math:`C/r + C/(2r) = 3C/(2r) = C/k` channels
+    (``3C/4`` at the default k = 4/3).
+
+    Output shape: ``(N, C/k, ceil(H/stride), ceil(W/stride))``. ``out_channels`` is fixed by k;
+    get it before building with :meth:`natural_out_channels` (or
+    ``leanconv.conv_out_channels("slimconv", C, None, compression_ratio=k)``) and give the next
+    layer that many input channels (Fig. 3: the block's last 1x1 conv takes ``C/k`` channels).
+
+    Args map to the paper as follows: ``compression_ratio`` = k (§3.2; ``4/3`` default, Table 10:
+    2, 8/3, 10/3, 4, 14/3, 16/3; and 1), ``se_reduction`` = r of the SE (32, Fig. 2; Table 3 uses
+    24 and 8), ``se_min_channels`` = L (§3.2; Table 3 uses 6 and 16), ``flipping`` = Table 7's
+    ablation: ``"flip"`` (the method), ``"none"`` ("w/o flipping": the bottom pathway uses ``w``
+    too) or ``"only"`` ("only flipping": both pathways use :math:`\tilde w`). ``groups`` applies
+    to both k x k convs as in the official code (Sc-ResNeXt, §4.2); ``bottom_groups`` overrides
+    it for the bottom k x k conv (``None`` = ``groups``): the README's Sc-ResNeXt-101 (32x3d, k=2)
+    reproduces only with ``groups=32, bottom_groups=16``, since its bottom width is a sixth of
+    the block width (reference notes §1.3). The 1x1 convs are never grouped.
+
+    Where this follows the official code (JiaxiongQ/SlimConv) or departs from the paper text:
+
+    * Both k x k convs carry ``stride`` and ``dilation``; the bottom 1x1 conv runs at the input
+      resolution before the stride; the SE runs on the input (official code).
+    * ``k = 2r/3`` for ``r > 2`` sums ``r`` chunks (top ``C/r``, bottom ``C/(2r)``): the
+      generalisation that reproduces the README's Sc-ResNet-50 (k=8/3) 12.10M params exactly.
+    * ``k = 1`` (not in the SlimConv paper; the SCConv paper's "SlimConv (k=1)" rows): halves
+      are summed as at k = 4/3 and the bottom k x k conv maps ``C/4 -> C/2``, so top and bottom
+      each give ``C/2``. This reproduces SlimConv-R50 (k=1) 18.73M / 2.97 GMACs (paper 18.81M /
+      3.00G) and, replacing the second 3x3 conv of each CIFAR basic block, SlimConv-R56 (k=1)
+      0.60M params.
+    * SE hidden width ``max(C // se_reduction, se_min_channels)``: the official code has no floor
+      (``C // 32``, zero channels and a crash for C < 32). The default ``se_min_channels=2`` is
+      the largest floor that leaves every layer of the paper's ImageNet ResNet/ResNeXt models
+      (C >= 64) identical to the official code, hence the published parameter counts exact.
+    * The BN inside ``F_fc1`` normalises a pooled ``(N, h, 1, 1)`` map; at batch size 1 in
+      training mode it uses its running statistics (see ``_PooledBatchNorm2d``), where the
+      official code raises.
+    * The two final BNs (after the top and the bottom k x k convs) are one per-channel BN on
+      the concatenation: the same parameters and the same maths, one kernel.
+    * ``bias=True`` adds a learnable per-output-channel bias after that BN (API parity with
+      ``nn.Conv2d``; the paper's module has none).
+    * ``kernel_size`` other than 3 is allowed (the paper and official code use 3 x 3).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int | str | None = None,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+        *,
+        compression_ratio: float | Fraction | str = Fraction(4, 3),
+        se_reduction: int = 32,
+        se_min_channels: int = 2,
+        flipping: str = "flip",
+        bottom_groups: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        natural = self.natural_out_channels(in_channels, None, compression_ratio=compression_ratio)
+        padding = check_conv_args(in_channels, natural if out_channels is None else out_channels,
+                                  kernel_size, stride, padding, dilation)
+        if out_channels != natural and out_channels is not None:
+            raise ValueError(
+                f"out_channels={out_channels} is not SlimConv's width: with in_channels="
+                f"{in_channels} and compression_ratio={compression_ratio!r} it outputs "
+                f"{natural} channels (C_in/k); pass out_channels={natural} or None"
+            )
+        k, r, top, mid, bottom = _widths(in_channels, compression_ratio)
+        check_positive_int("se_reduction", se_reduction)
+        check_positive_int("se_min_channels", se_min_channels)
+        check_choice("flipping", flipping, _FLIPPING)
+        check_positive_int("groups", groups)
+        bottom_groups = groups if bottom_groups is None else bottom_groups
+        check_positive_int("bottom_groups", bottom_groups)
+        check_divisible("top width C/r", top, groups, "groups")
+        check_divisible("bottom width C/(2r)", mid, bottom_groups, "bottom_groups")
+        check_divisible("bottom output width", bottom, bottom_groups, "bottom_groups")
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.in_channels = in_channels
+        self.out_channels = natural
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.groups = groups
+        self.bottom_groups = bottom_groups
+        self.compression_ratio = k
+        self.chunks = r
+        self.flipping = flipping
+        self.se_channels = max(in_channels // se_reduction, se_min_channels)
+
+        # Reconstruct: modified SE (Eq. 1, Fig. 2): fc layers are 1x1 convs, F_fc1 includes BN.
+        self.fc1 = nn.Conv2d(in_channels, self.se_channels, 1, bias=False, **dd)
+        self.fc1_bn = _PooledBatchNorm2d(self.se_channels, **dd)
+        self.fc2 = nn.Conv2d(self.se_channels, in_channels, 1, bias=True, **dd)
+        # Transform: top k x k conv (Fig. 1e); bottom 1x1 halving, then k x k (Fig. 1f).
+        self.top_conv = nn.Conv2d(top, top, kernel_size, stride, padding, dilation, groups,
+                                  bias=False, **dd)
+        self.bottom_reduce = nn.Conv2d(top, mid, 1, bias=False, **dd)
+        self.bottom_reduce_bn = nn.BatchNorm2d(mid, **dd)
+        self.bottom_conv = nn.Conv2d(mid, bottom, kernel_size, stride, padding, dilation,
+                                     bottom_groups, bias=False, **dd)
+        # BN after each k x k conv, applied per channel on the fused output (same maths).
+        self.bn = nn.BatchNorm2d(natural, **dd)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(natural, **dd))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def natural_out_channels(cls, in_channels: int, out_channels: int | None = None,
+                             **hparams) -> int:
+        """The width SlimConv produces: ``C/r + C/(2r) = in_channels / k`` (``in_channels`` at k=1).
+
+        ``out_channels`` is the width the caller asked for (e.g. the vanilla conv's); SlimConv
+        cannot honour it, so it is ignored and the natural width returned for the caller to
+        rewire the next layer. Other ``hparams`` are accepted and ignored.
+        """
+        _, _, top, _, bottom = _widths(in_channels, hparams.get("compression_ratio",
+                                                                Fraction(4, 3)))
+        return top + bottom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w_ = x.shape
+        r = self.chunks
+        # Reconstruct, Eq. 1: channel weights w from the modified SE module.
+        z = x.mean((2, 3), keepdim=True)
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1_bn(self.fc1(z)))))
+        # Weights flipping (Fig. 1b); Table 7 ablations use w or flip(w) for both pathways.
+        if self.flipping == "flip":
+            weights = torch.stack((w, w.flip(1)))
+        elif self.flipping == "none":
+            weights = w.unsqueeze(0)
+        else:
+            weights = w.flip(1).unsqueeze(0)
+        # Eq. 2: re-weight and sum the r chunks, both pathways in one multiply and one sum:
+        # (P, N, r, C/r, 1, 1) * (N, r, C/r, H, W) -> sum over r -> (P, N, C/r, H, W).
+        recon = (weights.view(-1, n, r, c // r, 1, 1) * x.reshape(n, r, c // r, h, w_)).sum(2)
+        x_top, x_bottom = recon[0], recon[-1]
+        # Transform: top k x k conv; bottom 1x1 (halving) + BN + ReLU, then k x k conv.
+        top = self.top_conv(x_top)
+        bottom = self.bottom_conv(F.relu(self.bottom_reduce_bn(self.bottom_reduce(x_bottom))))
+        # Fuse: concatenate (top first), then the BN of each transform, per channel.
+        y = self.bn(torch.cat((top, bottom), 1))
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+    @torch.no_grad()
+    def fuse_for_inference(self) -> SlimConv:
+        """Fold every BN into the conv before it (eval only); puts the module in eval mode."""
+        self.eval()
+        if isinstance(self.bn, nn.Identity):
+            return self
+        _fold_bn(self.fc1, self.fc1_bn)
+        _fold_bn(self.bottom_reduce, self.bottom_reduce_bn)
+        top = self.top_conv.out_channels
+        scale, shift = _bn_scale_shift(self.bn)
+        if self.bias is not None:
+            shift = shift + self.bias
+        for conv, s, b in ((self.top_conv, scale[:top], shift[:top]),
+                           (self.bottom_conv, scale[top:], shift[top:])):
+            conv.weight.mul_(s.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(b.clone())
+        self.fc1_bn = nn.Identity()
+        self.bottom_reduce_bn = nn.Identity()
+        self.bn = nn.Identity()
+        self.bias = None
+        return self
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, compression_ratio={self.compression_ratio}")
+        if self.dilation != 1:
+            s += f", dilation={self.dilation}"
+        if self.groups != 1 or self.bottom_groups != 1:
+            s += f", groups={self.groups}, bottom_groups={self.bottom_groups}"
+        if self.flipping != "flip":
+            s += f", flipping={self.flipping!r}"
+        return s
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    scale, shift = _bn_scale_shift(bn)
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    conv.bias = nn.Parameter(shift.clone())
