@@ -6,6 +6,7 @@
 >>> report = leanconv.profile(model, (1, 3, 224, 224))
 """
 
+from .inference import prepare_for_inference
 from .layers import (
     CRU,
     SRU,
@@ -21,7 +22,6 @@ from .layers import (
     convert_convs,
     create_conv,
 )
-from .inference import prepare_for_inference
 from .models import available_models, create_model
 from .profile import ProfileReport, profile
 

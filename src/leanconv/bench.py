@@ -53,8 +53,8 @@ __all__ = [
     "measure_training",
     "median_iqr",
     "num_threads",
-    "report_json",
     "realised_speedup",
+    "report_json",
     "saved_tensor_bytes",
     "with_ratios",
 ]
@@ -364,7 +364,10 @@ class BenchReport:
 
 
 def realised_speedup(t_base: float, t_module: float, macs_base: int, macs_module: int) -> float:
-    """Share of the MAC reduction that shows up as speed: ``(t_base/t_module)/(MACs_base/MACs_module)``."""
+    """Share of the MAC reduction that shows up as speed.
+
+    ``(t_base / t_module) / (MACs_base / MACs_module)``: 1.0 when time falls exactly as MACs do.
+    """
     return (t_base / t_module) / (macs_base / macs_module)
 
 
@@ -596,7 +599,7 @@ def _x(v: float | None) -> str:
 
 
 def _ms(lat: dict) -> str:
-    return f"{lat['median'] * 1e3:.3g} ms (±{lat['iqr'] * 1e3:.2g})"
+    return f"{lat['median'] * 1e3:.4g} ms (IQR {lat['iqr'] * 1e3:.2g})"
 
 
 def header_lines(report: BenchReport) -> list[str]:

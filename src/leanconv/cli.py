@@ -98,6 +98,67 @@ def _add_convs(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="latency, training throughput and backward memory of conv types vs vanilla",
+        description="Measure every conv type on the same architecture side by side and print "
+        "ratios to vanilla. Only meaningful when nothing else runs on the cores.")
+    p.add_argument("model", help="model name (see leanconv.available_models())")
+    add_conv_arguments(p, multiple=True)
+    p.add_argument("--batch", type=_int_list, default=[1, 32], metavar="B[,B...]",
+                   help="inference batch sizes (default: 1,32)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads for every measurement (default: 1)")
+    p.add_argument("--train", action="store_true",
+                   help="also measure training images/s and memory held for backward")
+    p.add_argument("--train-batch", type=int, default=None,
+                   help="training batch size (default: the largest --batch)")
+    p.add_argument("--input", type=int, default=32, help="input height = width (default: 32)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
+    p.add_argument("--inference-path", choices=("eager", "prepared", "compiled"), default="eager",
+                   help="eager: model.eval(); prepared: leanconv.prepare_for_inference; "
+                   "compiled: prepared + torch.compile (default: eager)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds over the conv types (default: 3)")
+    p.add_argument("--min-run-time", type=float, default=0.5,
+                   help="seconds per latency measurement and round (default: 0.5)")
+    p.add_argument("--train-steps", type=int, default=5,
+                   help="timed training steps per round (default: 5)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON")
+
+    def run(args):
+        import json
+
+        from .bench import bench_model, format_table, report_json
+
+        convs = [c.strip() for c in args.convs.split(",") if c.strip()]
+        report = bench_model(
+            args.model, convs, input_size=args.input, num_classes=args.classes,
+            hparams={c: hparams_from_args(args, c) for c in convs},
+            batches=args.batch, threads=args.threads, train=args.train,
+            train_batch=args.train_batch, inference_path=args.inference_path,
+            rounds=args.rounds, min_run_time=args.min_run_time, train_steps=args.train_steps,
+            device=args.device, progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
+        print(format_table(report))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report_json(report), f, indent=1)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="leanconv",
@@ -167,7 +228,7 @@ def _add_tables(sub) -> None:
     p.set_defaults(func=run)
 
 
-_SUBCOMMANDS = [_add_convs, _add_profile, _add_tables]
+_SUBCOMMANDS = [_add_convs, _add_profile, _add_tables, _add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:
