@@ -1,13 +1,339 @@
-"""PLACEHOLDER: being written (see the modules issue)."""
+"""CompConv (Zhang, Xu, Shen, CVPRW 2021, arXiv 2106.10486): a compact convolution built by
+divide-and-conquer over the channel axis.
 
+Sec. 3.2, core unit (Eq. 2): a C-channel map is ``X = X_A (+) W X_B`` where ``(+)`` concatenates
+channels, ``X_A`` is borrowed from the input by identity and only ``X_B`` is convolved.
+Sec. 3.3 applies the unit recursively (Eq. 3) to depth ``d``; the first split is special
+("tailing channels": ``X_A0`` is a depthwise conv of ``X_B0``), and the output integrates every
+intermediate result, followed by a channel shuffle in 4 groups (Sec. 4.2, Table 1).
+Sec. 3.4 sizes the smallest unit ``C_prim`` (Eq. 4-5) and chooses ``d`` from the input width
+(Eq. 6). Sec. 3.5 gives the cost (Eq. 8). No public implementation exists; this file is the
+reference one, and every choice the paper leaves open is stated in :class:`CompConv`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
 from torch import nn
 
+from ._utils import (
+    channel_shuffle,
+    check_choice,
+    check_conv_args,
+    check_positive_int,
+    downsample,
+)
 from .registry import register_conv
 
-__all__ = ["CompConv"]
+__all__ = ["CompConv", "adaptive_depth", "compconv_layout"]
+
+IDENTITY_OPTIONS = ("fixed", "group", "random", "conv")
+SHUFFLE_GROUPS = 4  # Sec. 4.2: "a shuffle block in 4 groups after the concatenation"
+MAX_ADAPTIVE_DEPTH = 3  # Eq. 6: "we bound the depth d with a maximum value 3"
+
+
+def adaptive_depth(in_channels: int, base_channels: int = 128) -> int:
+    """Eq. 6: ``d = min(log2(max(1, C_in / C0)) + 1, 3)``, with ``log2`` rounded down.
+
+    The paper only uses powers of two (C_in and C0 in {32, ..., 512}); for other ratios ``d`` must
+    still be an integer, and rounding down keeps Eq. 6's reading that ``d`` grows by one each time
+    ``C_in`` doubles past ``C0`` (C_in = 192, C0 = 128 gives d = 1, as for C_in = 128).
+    Computed exactly in integers: ``floor(log2(r)) + 1 == floor(r).bit_length()`` for r >= 1.
+    """
+    check_positive_int("in_channels", in_channels)
+    check_positive_int("base_channels", base_channels)
+    ratio = in_channels // base_channels
+    return max(1, min(ratio.bit_length(), MAX_ADAPTIVE_DEPTH))
+
+
+def _prim_fits(out_channels: int, depth: int, prim: int) -> bool:
+    """The Eq. 4 width exceeds ``out_channels`` by no more than the X_A0 channels we may drop."""
+    excess = 2 * (2**depth - 1) * prim - out_channels
+    return excess <= 2 ** (depth - 1) * prim
+
+
+def compconv_layout(
+    in_channels: int,
+    out_channels: int,
+    depth: int,
+    identity: str = "fixed",
+    even_prim: bool = True,
+) -> tuple[int, int, int]:
+    """``(C_prim, identity channels, kept tailing channels)`` of a CompConv, or ``ValueError``.
+
+    * ``C_prim = ceil(C_out / (2 (2^d - 1)))`` (Eq. 5), rounded up to an even number when
+      ``even_prim`` and the rounded value still fits (see :class:`CompConv`, "C_prim").
+    * The identity parts ``X_A1 .. X_A(d-1)`` take ``(2^(d-1) - 1) C_prim`` distinct input
+      channels (none for ``identity="conv"``, where a 1x1 conv produces them).
+    * ``X_A0`` keeps ``2^(d-1) C_prim - excess`` channels, where ``excess`` is by how much the
+      Eq. 4 width ``2 (2^d - 1) C_prim`` exceeds ``C_out`` (Sec. 3.4: drop X_A0's last channels).
+    """
+    check_positive_int("depth", depth)
+    prim = math.ceil(out_channels / (2 * (2**depth - 1)))
+    if not _prim_fits(out_channels, depth, prim):
+        raise ValueError(
+            f"out_channels={out_channels} is too small for depth={depth}: Eq. 4 gives "
+            f"{2 * (2**depth - 1) * prim} channels (C_prim={prim}), more than out_channels plus "
+            f"the {2 ** (depth - 1) * prim} tailing channels X_A0 that Sec. 3.4 may drop; "
+            f"use a smaller depth"
+        )
+    if even_prim and prim % 2 and _prim_fits(out_channels, depth, prim + 1):
+        prim += 1
+    identity_channels = (2 ** (depth - 1) - 1) * prim
+    if identity != "conv" and identity_channels > in_channels:
+        raise ValueError(
+            f"in_channels={in_channels} is too small for depth={depth}: the identity parts "
+            f"X_A1..X_A{depth - 1} borrow {identity_channels} distinct input channels "
+            f"(C_prim={prim}); use a smaller depth, depth=None (adaptive, Eq. 6) or identity='conv'"
+        )
+    tail = 2 ** (depth - 1) * prim - (2 * (2**depth - 1) * prim - out_channels)
+    return prim, identity_channels, tail
 
 
 @register_conv("compconv")
 class CompConv(nn.Module):
-    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=None, dilation=1):
-        raise NotImplementedError("CompConv is not written yet")
+    r"""CompConv: recursive divide-and-conquer convolution (Sec. 3, Eq. 2-8, Fig. 2).
+
+    Symbols -> arguments: ``C_in`` = ``in_channels``, ``C_out`` = ``out_channels``, ``k`` =
+    ``kernel_size``, recursion depth ``d`` = ``depth`` (or Eq. 6 from ``C0`` = ``base_channels``),
+    ``C_prim`` = attribute ``prim_channels``. Let ``P = C_prim``. With ``Conv`` a k x k conv
+    (dilation ``dilation``, same padding, no bias) and ``(+)`` channel concatenation:
+
+    * level 0 (the minimum unit ``X_B(d-1)``): ``P_0 = Conv(X_in)``, ``C_in -> P``, carrying the
+      stride;
+    * levels ``j = 1 .. d-1`` (Eq. 3): ``B_j = A_j (+) P_(j-1)`` with ``A_j`` the identity part of
+      ``2^(j-1) P`` input channels, and ``P_j = Conv(B_j)``, ``2^j P -> 2^j P``;
+    * tailing channels (Sec. 3.3): ``X_B0 = P_(d-1)`` (``2^(d-1) P`` channels) and
+      ``X_A0 = DWConv(X_B0)``, a k x k conv with groups = channels;
+    * integrating recursive results (Sec. 3.3): ``Y = X_A0 (+) X_B0 (+) B_1 (+) ... (+) B_(d-1)``,
+      ``2 (2^d - 1) P`` channels (Eq. 4); the last channels of ``X_A0`` are dropped to reach
+      ``C_out`` (Sec. 3.4); then a channel shuffle in 4 groups (Sec. 4.2, Table 1).
+
+    Cost, Eq. 8: ``H W k^2 (C_in P + sum_{i=1}^{d-1} (2^i P)^2 + 2^(d-1) P)`` MACs at the output
+    resolution, and the same divided by ``H W`` parameters. The dropped ``X_A0`` channels are
+    never computed, so when Eq. 4 exceeds ``C_out`` by ``e`` channels the last term is
+    ``2^(d-1) P - e`` (Eq. 8 exactly when ``C_out = 2 (2^d - 1) P``). ``identity="conv"`` adds
+    ``C_in (2^(d-1) - 1) P`` for its 1x1 conv, ``bias=True`` adds ``C_out`` parameters.
+    ``d = 1`` is a conv ``C_in -> C_out/2`` plus its depthwise copy (half the cost, Table 3).
+
+    Output: ``(N, C_out, ceil(H / stride), ceil(W / stride))``, like a same-padded ``nn.Conv2d``.
+
+    Choices the paper leaves open (each checked against the VGG-16 rows of Tables 1-4):
+
+    * **C_prim** (``even_prim=True``): Eq. 5's ceiling is rounded up to an even number (when the
+      extra channels still fit in ``X_A0``), which makes the ``2 (2^d - 1) P`` concatenated
+      channels divisible by the 4 shuffle groups. This is a deviation from the text of Eq. 5 that
+      the paper's own numbers require: CompConv128-VGG16 is 3.28M / 107.1M MACs with it and
+      3.18M / 105.6M without (paper 3.3M / 107M, Tables 1-3, 5); stage-5 d = 3 is 4.28M without
+      vs 4.17M (paper 4.3M, Table 4). ``even_prim=False`` gives Eq. 5 literally.
+    * **Depth**: ``depth`` fixes ``d`` (any d >= 1; Table 3 uses d = 4); ``depth=None`` uses
+      Eq. 6 with ``log2`` rounded down (:func:`adaptive_depth`), so C0 = 128 gives d = 1, 1, 2,
+      3, 3 for C_in = 64, 128, 256, 512, 1024. A given ``depth`` the channels cannot hold raises
+      ``ValueError``; an adaptive one is lowered until they can (d = 1 always can).
+    * **Identity parts** (``identity``): the ``A_j`` are disjoint consecutive blocks of one slab
+      of ``(2^(d-1) - 1) P`` channels, ``A_1`` first. ``"fixed"`` (paper default, Sec. 4.2): the
+      slab is the starting channels of the input, a slicing view. ``"group"``: the input is cut
+      into as many equal groups as the slab has channels and the first channel of each group is
+      taken (a strided view when it divides evenly). ``"random"``: a random choice of distinct
+      channels drawn at construction from torch's global generator (so ``torch.manual_seed``
+      fixes it like the initial weights), kept as the persistent buffer ``identity_index`` so
+      checkpoints and exports carry it. ``"conv"``: a 1x1 conv ``C_in -> slab`` (Table 2: with
+      disjoint blocks this is +0.34M / +4.4M MACs on CompConv128-VGG16, paper +0.3M / +5M). With
+      ``d = 1`` there are no identity parts and the option has no effect.
+      The blocks must be distinct input channels, so ``"fixed"``, ``"group"`` and ``"random"``
+      need ``C_in >= (2^(d-1) - 1) P``. VGG-16's first conv (3 -> 64) cannot hold d >= 2; the
+      paper's global-d rows match best with that conv left vanilla (Table 4 first stage: 294.6M,
+      288.0M, 285.7M MACs for d = 1, 2, 3 vs 295M, 289M, 287M; zero-padding the missing
+      channels gives 292.0M and 290.7M for d = 2, 3); :meth:`max_depth` tells a model builder.
+    * **Stride**: the level-0 conv carries the stride; the identity parts are average-pooled
+      with :func:`~leanconv.layers._utils.downsample`; every later conv runs at the output size.
+    * **No BN or activation inside**: the paper names none; the module is linear like the
+      ``nn.Conv2d`` it replaces and the host block's BN/ReLU follow it. This keeps Eq. 8 exact.
+    * **Truncation** keeps all of ``X_B0`` and the intermediate results and drops only ``X_A0``
+      channels, possibly all of them when ``X_B0`` and the ``B_j`` already fill ``C_out``.
+    * **Shuffle** when ``C_out`` is not a multiple of 4: groups of ``ceil(C_out / 4)`` channels,
+      the last one shorter, interleaved in the same order as ShuffleNet's shuffle.
+    * ``bias=True`` adds one learnable bias per output channel after the shuffle.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int | str | None = None,
+        dilation: int = 1,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        depth: int | None = None,
+        base_channels: int = 128,
+        shuffle: bool = True,
+        identity: str = "fixed",
+        even_prim: bool = True,
+    ) -> None:
+        padding = check_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        super().__init__()
+        check_positive_int("base_channels", base_channels)
+        check_choice("identity", identity, IDENTITY_OPTIONS)
+        for name, value in (("shuffle", shuffle), ("even_prim", even_prim), ("bias", bias)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if depth is None:
+            # Eq. 6, lowered while the channels cannot hold it (d = 1 always can).
+            depth = adaptive_depth(in_channels, base_channels)
+            while True:
+                try:
+                    layout = compconv_layout(in_channels, out_channels, depth, identity, even_prim)
+                    break
+                except ValueError:
+                    if depth == 1:
+                        raise
+                    depth -= 1
+        else:
+            layout = compconv_layout(in_channels, out_channels, depth, identity, even_prim)
+        prim, identity_channels, tail_channels = layout
+
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.dilation = dilation
+        self.depth = depth
+        self.base_channels = base_channels
+        self.prim_channels = prim
+        self.identity = identity
+        self.identity_channels = identity_channels
+        self.tail_channels = tail_channels
+        self.shuffle = shuffle
+        self.even_prim = even_prim
+
+        factory = {"device": device, "dtype": dtype}
+
+        def conv(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+            return nn.Conv2d(cin, cout, kernel_size, stride, padding, dilation, groups,
+                             bias=False, **factory)
+
+        # Level 0: the minimum computing unit, C_in -> C_prim (first term of Eq. 8).
+        self.prim_conv = conv(in_channels, prim, stride)
+        # Levels 1..d-1: 2^j C_prim -> 2^j C_prim (the sum in Eq. 8).
+        self.level_convs = nn.ModuleList(conv(prim << j, prim << j) for j in range(1, depth))
+        # Tailing channels X_A0: depthwise conv of X_B0's kept channels (last term of Eq. 8).
+        self.tail_conv = (conv(tail_channels, tail_channels, groups=tail_channels)
+                          if tail_channels else None)
+
+        # Identity parts A_1..A_(d-1) (Sec. 4.2, Table 2).
+        self._identity_step = 0  # > 0: strided view x[:, ::step] ("group" dividing evenly)
+        self.identity_conv = None
+        index, persistent = None, False
+        if identity_channels and identity == "conv":
+            self.identity_conv = nn.Conv2d(in_channels, identity_channels, 1, bias=False, **factory)
+        elif identity_channels and identity == "group":
+            if in_channels % identity_channels == 0:
+                self._identity_step = in_channels // identity_channels
+            else:
+                index = torch.arange(identity_channels, device="cpu") * in_channels
+                index = index // identity_channels
+        elif identity_channels and identity == "random":
+            index = torch.randperm(in_channels, device="cpu")[:identity_channels]
+            persistent = True  # the draw is part of the model: checkpoints carry it
+        self.register_buffer("identity_index", _to(index, device), persistent=persistent)
+
+        # Shuffle (Sec. 4.2): ShuffleNet's view/transpose when C_out divides into 4 groups.
+        order = None
+        if shuffle and out_channels % SHUFFLE_GROUPS:
+            order = _to(_shuffle_order(out_channels), device)
+        self.register_buffer("shuffle_index", order, persistent=False)
+
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def max_depth(
+        cls,
+        in_channels: int,
+        out_channels: int,
+        *,
+        identity: str = "fixed",
+        even_prim: bool = True,
+        limit: int = 4,
+    ) -> int:
+        """Largest ``d <= limit`` the channels can hold (0 if none), e.g. 1 for VGG's 3 -> 64."""
+        for depth in range(limit, 0, -1):
+            try:
+                compconv_layout(in_channels, out_channels, depth, identity, even_prim)
+            except ValueError:
+                continue
+            return depth
+        return 0
+
+    def _identity_parts(self, x: torch.Tensor) -> torch.Tensor:
+        """The slab A_1 (+) ... (+) A_(d-1) at the output resolution."""
+        if self.identity_conv is not None:
+            return self.identity_conv(downsample(x, self.stride))
+        if self.identity_index is not None:
+            slab = x.index_select(1, self.identity_index)
+        elif self._identity_step:
+            slab = x[:, :: self._identity_step]
+        else:
+            slab = x[:, : self.identity_channels]  # "fixed": the starting channels (a view)
+        return downsample(slab, self.stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Identity mappings X_A1..X_A(d-1), borrowed from the input (Eq. 2, Sec. 4.2).
+        slab = self._identity_parts(x) if self.identity_channels else None
+        # Minimum unit X_B(d-1): conv C_in -> C_prim, carrying the stride.
+        result = self.prim_conv(x)
+        # Recursion (Eq. 3): B_j = A_j (+) P_(j-1), P_j = W_j B_j; B_j is kept for the output.
+        intermediate = []
+        start = 0
+        for j, conv in enumerate(self.level_convs):
+            width = self.prim_channels << j  # |A_(j+1)| = 2^j C_prim
+            unit = torch.cat([slab[:, start:start + width], result], dim=1)
+            start += width
+            intermediate.append(unit)
+            result = conv(unit)
+        # Tailing channels (Sec. 3.3): X_B0 = P_(d-1), X_A0 = depthwise conv of X_B0, computed
+        # only for the channels kept after truncation to C_out (Sec. 3.4).
+        parts = [result, *intermediate]
+        if self.tail_conv is not None:
+            parts.insert(0, self.tail_conv(result[:, : self.tail_channels]))
+        # Integrate all recursive results (Sec. 3.3), then shuffle in 4 groups (Sec. 4.2).
+        out = torch.cat(parts, dim=1)
+        if self.shuffle:
+            if self.shuffle_index is not None:
+                out = out.index_select(1, self.shuffle_index)
+            else:
+                out = channel_shuffle(out, SHUFFLE_GROUPS)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, dilation={self.dilation}, depth={self.depth}, "
+            f"prim_channels={self.prim_channels}, identity={self.identity!r}, "
+            f"shuffle={self.shuffle}, bias={self.bias is not None}"
+        )
+
+
+def _shuffle_order(channels: int, groups: int = SHUFFLE_GROUPS) -> torch.Tensor:
+    """Source channel of each output channel of a 4-group shuffle, for any channel count.
+
+    Channels are cut into groups of ``ceil(C / groups)`` (the last shorter) and read column by
+    column; for ``C`` divisible by ``groups`` this is exactly ShuffleNet's view/transpose.
+    """
+    size = -(-channels // groups)
+    grid = torch.arange(groups * size, device="cpu").view(groups, size).t().reshape(-1)
+    return grid[grid < channels]
+
+
+def _to(index: torch.Tensor | None, device) -> torch.Tensor | None:
+    return index if index is None or device is None else index.to(device)
