@@ -1,0 +1,255 @@
+"""SCConv (CVPR 2023): SRU, CRU and SCConv against the paper's equations and Eq. 11."""
+
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leanconv import CRU, SRU, SCConv, create_conv
+from leanconv.layers.scconv import SpatialReconstruction
+
+
+def n_params(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def eq11(c1, c2, alpha, r, g, k=3):
+    """Eq. 11 of the paper, in exact arithmetic."""
+    a = Fraction(alpha)
+    up, low = a * c1, (1 - a) * c1
+    total = (up * up / r + k * k * up / (g * r) * Fraction(c2, g) * g + up / r * c2
+             + low * low / r + low / r * (c2 - low / r))
+    assert total.denominator == 1
+    return int(total)
+
+
+CONFIGS = [  # (C1, C2, alpha, r, g, k)
+    (64, 64, Fraction(1, 2), 2, 2, 3),
+    (128, 128, Fraction(1, 2), 2, 2, 3),
+    (64, 128, Fraction(1, 2), 2, 2, 3),
+    (256, 64, Fraction(3, 4), 2, 2, 3),
+    (96, 48, Fraction(1, 4), 4, 2, 3),
+    (64, 96, Fraction(1, 2), 2, 4, 5),
+    (32, 64, Fraction(1, 2), 4, 1, 3),
+]
+
+
+@pytest.mark.parametrize("c1,c2,alpha,r,g,k", CONFIGS)
+def test_cru_params_equal_eq11(c1, c2, alpha, r, g, k):
+    cru = CRU(c1, c2, k, split_ratio=float(alpha), squeeze_ratio=r, gwc_groups=g)
+    assert n_params(cru) == eq11(c1, c2, alpha, r, g, k)
+    # bias=True adds one bias per output channel (in the GWC)
+    cru_b = CRU(c1, c2, k, bias=True, split_ratio=float(alpha), squeeze_ratio=r, gwc_groups=g)
+    assert n_params(cru_b) == eq11(c1, c2, alpha, r, g, k) + c2
+
+
+@pytest.mark.parametrize("c1,c2,alpha,r,g,k", CONFIGS)
+@pytest.mark.parametrize("order", ["sc", "cs"])
+def test_scconv_params_equal_eq11_plus_gn(c1, c2, alpha, r, g, k, order):
+    conv = SCConv(c1, c2, k, split_ratio=float(alpha), squeeze_ratio=r, gwc_groups=g, order=order)
+    gn_width = c1 if order == "sc" else c2
+    assert n_params(conv) == eq11(c1, c2, alpha, r, g, k) + 2 * gn_width
+
+
+def test_parallel_params_equal_sequential():
+    # Table 1: C&S has the same Params as S+C
+    assert n_params(SCConv(64, 64, order="parallel")) == n_params(SCConv(64, 64)) == 7616 - 64
+
+
+@pytest.mark.parametrize("c,expected", [(64, 7_616), (128, 30_080), (256, 119_552)])
+def test_reference_counts_from_notes(c, expected):
+    # notes §3.1: GN affine (2C) + GWC bias (C) + 1.8125 C^2
+    assert n_params(SCConv(c, c, bias=True)) == expected
+    assert n_params(SCConv(c, c)) == expected - c == 1.8125 * c * c + 2 * c
+
+
+def test_sru_params_are_conv_plus_gn():
+    # Table 1 "ResNet50 + S": the 3x3 conv unchanged, GN affine added
+    sru = SRU(64, 128, stride=2)
+    assert n_params(sru) == 9 * 64 * 128 + 2 * 64
+    assert sum(p.numel() for p in create_conv("sru", 64, 64).parameters()) == 9 * 64 * 64 + 128
+
+
+def test_sru_unit_matches_paper_equations():
+    unit = SpatialReconstruction(8, gn_groups=2)
+    with torch.no_grad():
+        unit.gn.weight.copy_(torch.linspace(0.5, 2.0, 8))
+        unit.gn.bias.copy_(torch.linspace(-0.3, 0.3, 8))
+    x = torch.randn(2, 8, 5, 5)
+    gamma = unit.gn.weight
+    w_gamma = gamma / gamma.sum()                                    # Eq. 2
+    reweight = torch.sigmoid(w_gamma.view(1, -1, 1, 1) * unit.gn(x))  # Eq. 3
+    above = reweight > 0.5
+    w1 = torch.where(above, torch.ones_like(reweight), reweight)
+    w2 = torch.where(above, torch.zeros_like(reweight), reweight)
+    x1, x2 = w1 * x, w2 * x                                          # Eq. 4
+    x11, x12 = x1.chunk(2, dim=1)
+    x21, x22 = x2.chunk(2, dim=1)
+    expected = torch.cat([x11 + x22, x21 + x12], dim=1)
+    torch.testing.assert_close(unit(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_hard_gate_binary_masks_and_frozen_gn():
+    unit = SpatialReconstruction(8, gn_groups=4, gate="hard")
+    assert not unit.gn.weight.requires_grad and not unit.gn.bias.requires_grad
+    x = torch.randn(2, 8, 6, 6)
+    w1 = (torch.sigmoid(unit.gn(x) / 8) > 0.5).float()   # gamma = 1 -> W_gamma = 1/C
+    w2 = 1 - w1
+    assert set(w1.unique().tolist()) == {0.0, 1.0}
+    x1, x2 = w1 * x, w2 * x
+    expected = torch.cat([x1[:, :4] + x2[:, 4:], x2[:, :4] + x1[:, 4:]], dim=1)
+    torch.testing.assert_close(unit(x), expected, rtol=0, atol=0)
+    # with binary masks every input element lands in exactly one part: the sum is preserved
+    torch.testing.assert_close(unit(x).sum((1,)), x.sum((1,)), rtol=1e-5, atol=1e-5)
+
+
+def test_hard_gate_trains_only_the_convs():
+    conv = SCConv(16, 16, gate="hard")
+    trainable = {n for n, p in conv.named_parameters() if p.requires_grad}
+    assert "sru.gn.weight" not in trainable and "sru.gn.bias" not in trainable
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    conv(x).square().sum().backward()
+    assert conv.sru.gn.weight.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in conv.named_parameters() if n in trainable)
+    assert x.grad.abs().sum() > 0
+
+
+def test_soft_gate_gives_gn_gradients():
+    conv = SCConv(16, 32, stride=2)
+    assert conv.sru.gn.weight.requires_grad
+    y = conv(torch.randn(1, 16, 9, 9))
+    (y * torch.randn_like(y)).sum().backward()
+    assert conv.sru.gn.weight.grad.abs().sum() > 0
+    assert conv.sru.gn.bias.grad.abs().sum() > 0
+
+
+def test_cru_fuse_is_pairwise_softmax():
+    cru = CRU(16, 24)
+    x = torch.randn(3, 16, 7, 7)
+    y1, y2 = cru.transform(x)
+    assert y1.shape == y2.shape == (3, 24, 7, 7)
+    s = torch.stack([y1.mean((2, 3)), y2.mean((2, 3))])              # Eq. 7
+    beta = torch.softmax(s, dim=0)                                    # Eq. 8, per channel
+    beta1, beta2 = cru.fuse_weights(y1, y2)
+    torch.testing.assert_close(beta1.flatten(1), beta[0])
+    torch.testing.assert_close(beta2.flatten(1), beta[1])
+    torch.testing.assert_close(beta1 + beta2, torch.ones_like(beta1))
+    expected = beta[0][..., None, None] * y1 + beta[1][..., None, None] * y2   # Eq. 9
+    torch.testing.assert_close(cru(x), expected, rtol=1e-5, atol=1e-6)
+    # ... and not the popular code's softmax over all 2C channels
+    joint = torch.softmax(torch.cat([s[0], s[1]], dim=1), dim=1)[..., None, None]
+    popular = joint[:, :24] * y1 + joint[:, 24:] * y2
+    assert not torch.allclose(cru(x), popular, atol=1e-3)
+
+
+def test_cru_lower_part_reuses_squeezed_features():
+    cru = CRU(16, 24, stride=2)
+    x = torch.randn(2, 16, 7, 7)
+    _, y2 = cru.transform(x)
+    low = cru.squeeze_low(x[:, 8:])                                   # Eq. 6: ... U X_low
+    torch.testing.assert_close(y2[:, 24 - 4:], F.avg_pool2d(low, 2, 2, ceil_mode=True),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", ["sc", "cs", "parallel"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_order_variants_run(order, stride):
+    out = 16 if order == "parallel" else 32
+    conv = SCConv(16, out, stride=stride, order=order)
+    x = torch.randn(2, 16, 7, 7)
+    y = conv(x)
+    assert y.shape == (2, out, 4 if stride == 2 else 7, 4 if stride == 2 else 7)
+    y.sum().backward()
+    assert all(p.grad is not None for p in conv.parameters())
+
+
+def test_orders_compose_the_units():
+    x = torch.randn(2, 16, 8, 8)
+    sc = SCConv(16, 16, order="sc")
+    torch.testing.assert_close(sc(x), sc.cru(sc.sru(x)))
+    cs = SCConv(16, 16, order="cs")
+    torch.testing.assert_close(cs(x), cs.sru(cs.cru(x)))
+    par = SCConv(16, 16, stride=2, order="parallel")
+    torch.testing.assert_close(par(x), par.cru(x) + F.avg_pool2d(par.sru(x), 2, 2, ceil_mode=True))
+
+
+def test_sru_is_unit_then_conv():
+    sru = SRU(16, 24, kernel_size=5, stride=2, dilation=2, bias=True)
+    x = torch.randn(2, 16, 11, 11)
+    torch.testing.assert_close(sru(x), sru.conv(sru.sru(x)))
+    assert sru.conv.kernel_size == (5, 5) and sru.conv.stride == (2, 2)
+    assert sru.conv.dilation == (2, 2) and sru.conv.bias is not None
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(cls=SRU, in_channels=15), "in_channels=15 must be even"),
+    (dict(cls=SCConv, in_channels=18), "gn_groups"),
+    (dict(cls=SCConv, in_channels=16, gn_groups=3), "gn_groups=3"),
+    (dict(cls=SCConv, in_channels=16, out_channels=30, order="cs", gn_groups=4), "gn_groups"),
+    (dict(cls=SCConv, in_channels=16, gate="binary"), "gate"),
+    (dict(cls=SCConv, in_channels=16, gate_threshold=1.0), "gate_threshold"),
+    (dict(cls=SCConv, in_channels=16, order="s+c"), "order"),
+    (dict(cls=SCConv, in_channels=16, out_channels=32, order="parallel"), "parallel"),
+    (dict(cls=CRU, in_channels=4, squeeze_ratio=4), "squeezed to 0"),
+    (dict(cls=CRU, in_channels=16, split_ratio=1.0), "lower part"),
+    (dict(cls=CRU, in_channels=16, split_ratio=0.0), "split_ratio"),
+    (dict(cls=CRU, in_channels=12), "divisible by gwc_groups=2"),
+    (dict(cls=CRU, in_channels=16, out_channels=33), "out_channels=33"),
+    (dict(cls=CRU, in_channels=64, out_channels=16, split_ratio=0.25, gwc_groups=1),
+     "must exceed the reused lower width"),
+])
+def test_invalid_configs_raise(kwargs, match):
+    kwargs = dict(kwargs)
+    cls = kwargs.pop("cls")
+    c_in = kwargs.pop("in_channels")
+    c_out = kwargs.pop("out_channels", c_in)
+    with pytest.raises(ValueError, match=match):
+        cls(c_in, c_out, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(bias=True, kernel_size=5),
+    dict(dilation=2, split_ratio=0.75),
+    dict(out_channels=24, gwc_groups=4),
+])
+def test_fuse_for_inference_is_exact(kwargs):
+    kwargs = dict(kwargs)
+    c_out = kwargs.pop("out_channels", 32)
+    conv = SCConv(16, c_out, **kwargs).eval()
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        before = conv(x)
+        conv.fuse_for_inference()
+        after = conv(x)
+    assert conv.cru.fused_upper is not None
+    assert (conv.cru.fused_squeeze is not None) == (conv.cru.up_channels == conv.cru.low_channels)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    if kwargs:
+        return
+    exported = torch.export.export(conv, (x,))
+    torch.testing.assert_close(exported.module()(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_for_inference_is_noop_at_stride_two():
+    cru = CRU(16, 32, stride=2).eval()
+    x = torch.randn(1, 16, 7, 7)
+    with torch.no_grad():
+        before = cru(x)
+        cru.fuse_for_inference()
+        torch.testing.assert_close(cru(x), before, rtol=0, atol=0)
+    assert cru.fused_upper is None
+
+
+def test_registry_hparams():
+    from leanconv.layers import conv_hparams
+
+    assert conv_hparams("sru") == dict(gn_groups=4, gate_threshold=0.5, gate="soft")
+    assert conv_hparams("cru") == dict(split_ratio=0.5, squeeze_ratio=2, gwc_groups=2)
+    assert conv_hparams("scconv") == dict(split_ratio=0.5, squeeze_ratio=2, gwc_groups=2,
+                                          gn_groups=4, gate_threshold=0.5, gate="soft", order="sc")
