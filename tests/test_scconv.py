@@ -144,13 +144,20 @@ def test_cru_fuse_is_pairwise_softmax():
     assert not torch.allclose(cru(x), popular, atol=1e-3)
 
 
-def test_cru_lower_part_reuses_squeezed_features():
+def test_cru_stride_two_paths():
     cru = CRU(16, 24, stride=2)
     x = torch.randn(2, 16, 7, 7)
-    _, y2 = cru.transform(x)
-    low = cru.squeeze_low(x[:, 8:])                                   # Eq. 6: ... U X_low
-    torch.testing.assert_close(y2[:, 24 - 4:], F.avg_pool2d(low, 2, 2, ceil_mode=True),
-                               rtol=1e-5, atol=1e-6)
+    y1, y2 = cru.transform(x)
+    x_up, x_low = cru.split_squeeze(x)
+    # the GWC carries the stride; PWC1 reads the ceil-mode average-pooled X_up (Eq. 5)
+    torch.testing.assert_close(x_up, cru.squeeze_up(x[:, :8]))
+    pooled_up = F.avg_pool2d(x_up, 2, 2, ceil_mode=True)
+    torch.testing.assert_close(y1, cru.gwc(x_up) + cru.pwc1(pooled_up), rtol=1e-5, atol=1e-6)
+    # the lower part is squeezed then pooled (pooling first is the same) and reused (Eq. 6)
+    low = F.avg_pool2d(cru.squeeze_low(x[:, 8:]), 2, 2, ceil_mode=True)
+    torch.testing.assert_close(x_low, low, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y2, torch.cat([cru.pwc2(low), low], 1), rtol=1e-5, atol=1e-6)
+    assert y1.shape == y2.shape == (2, 24, 4, 4)
 
 
 @pytest.mark.parametrize("order", ["sc", "cs", "parallel"])
@@ -163,6 +170,14 @@ def test_order_variants_run(order, stride):
     assert y.shape == (2, out, 4 if stride == 2 else 7, 4 if stride == 2 else 7)
     y.sum().backward()
     assert all(p.grad is not None for p in conv.parameters())
+
+
+def test_merged_squeeze_equals_two_convs():
+    cru = CRU(16, 24)
+    x = torch.randn(2, 16, 7, 7)
+    x_up, x_low = cru.split_squeeze(x)
+    torch.testing.assert_close(x_up, cru.squeeze_up(x[:, :8]))
+    torch.testing.assert_close(x_low, cru.squeeze_low(x[:, 8:]))
 
 
 def test_orders_compose_the_units():
@@ -227,8 +242,7 @@ def test_fuse_for_inference_is_exact(kwargs):
         before = conv(x)
         conv.fuse_for_inference()
         after = conv(x)
-    assert conv.cru.fused_upper is not None
-    assert (conv.cru.fused_squeeze is not None) == (conv.cru.up_channels == conv.cru.low_channels)
+    assert conv.cru.fused_upper is not None and not hasattr(conv.cru, "gwc")
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     if kwargs:
         return

@@ -37,7 +37,6 @@ from ._utils import (
     check_positive_int,
     check_ratio,
     downsample,
-    same_padding,
 )
 from .registry import register_conv
 
@@ -141,7 +140,7 @@ class SpatialReconstruction(nn.Module):
             x2 = x_reweighted.masked_fill(informative, 0.0)   # W2 = 0 above t, else R
         else:
             informative = z > math.log(self.gate_threshold / (1.0 - self.gate_threshold))
-            x1 = x.masked_fill(~informative, 0.0)             # W1 = [R > t]
+            x1 = torch.where(informative, x, 0.0)             # W1 = [R > t]
             x2 = x - x1                                       # W2 = 1 - W1
         # Eq. 4 reconstruct: [X11 + X22, X21 + X12] == X1 + (X2 with its halves swapped)
         return x1 + x2.roll(self.channels // 2, dims=1)
@@ -235,10 +234,11 @@ class CRU(nn.Module):
     * Widths use ``round`` for the split and floor division by :math:`r`; Eq. 11 holds exactly
       when :math:`\alpha C_1` and the squeezed widths are integers.
 
+    Speed: at stride 1 with an even split the two squeeze convs run as one 2-group 1x1 conv.
     :meth:`fuse_for_inference` (stride 1 only) merges GWC + PWC1 into one dense k x k conv
-    (PWC1 added to the centre tap of the per-group-expanded GWC weight; exact) and, when
-    :math:`u = l`, the two squeeze convs into one 2-group 1x1 conv. The fused conv has more
-    weights (:math:`k^2 u_s C_2` instead of :math:`k^2 u_s C_2 / g + u_s C_2`) but one dispatch.
+    (PWC1 added to the centre tap of the per-group-expanded GWC weight; exact). The fused conv
+    has more weights (:math:`k^2 u_s C_2` instead of :math:`k^2 u_s C_2 / g + u_s C_2`) but
+    saves a conv and an add.
     """
 
     def __init__(
@@ -298,8 +298,7 @@ class CRU(nn.Module):
                              groups=gwc_groups, bias=bias, **dd)
         self.pwc1 = nn.Conv2d(up_sq, out_channels, 1, bias=False, **dd)
         self.pwc2 = nn.Conv2d(low_sq, out_channels - low_sq, 1, bias=False, **dd)
-        # set by fuse_for_inference
-        self.fused_squeeze: nn.Conv2d | None = None
+        # set by fuse_for_inference: GWC + PWC1 merged into one k x k conv
         self.fused_upper: nn.Conv2d | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -308,17 +307,32 @@ class CRU(nn.Module):
 
     def transform(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split and Transform: return (Y1, Y2) of Eq. 5 and 6."""
+        x_up, x_low = self.split_squeeze(x)
         if self.fused_upper is not None:
-            return self._transform_fused(x)
-        s = self.stride
-        # Split: alpha*C upper / (1-alpha)*C lower channels, squeeze each by r (1x1 convs)
-        x_up = self.squeeze_up(x[:, :self.up_channels])
-        x_low = self.squeeze_low(downsample(x[:, self.up_channels:], s))
-        # Eq. 5: Y1 = GWC(X_up) + PWC1(X_up)   (the GWC carries the stride)
-        y1 = self.gwc(x_up) + self.pwc1(downsample(x_up, s))
+            y1 = self.fused_upper(x_up)                                  # Eq. 5, merged
+        else:
+            # Eq. 5: Y1 = GWC(X_up) + PWC1(X_up)   (the GWC carries the stride)
+            y1 = self.gwc(x_up) + self.pwc1(downsample(x_up, self.stride))
         # Eq. 6: Y2 = PWC2(X_low) U X_low   (feature reuse)
         y2 = torch.cat([self.pwc2(x_low), x_low], dim=1)
         return y1, y2
+
+    def split_squeeze(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split alpha*C / (1-alpha)*C channels and squeeze each by r: (X_up, X_low).
+
+        X_up stays at input size (the strided GWC reads it); X_low is already downsampled.
+        """
+        up = self.up_channels
+        if self.stride == 1 and up == self.low_channels:
+            # equal halves: both 1x1 squeezes as one 2-group conv (same weights, one dispatch)
+            weight = torch.cat([self.squeeze_up.weight, self.squeeze_low.weight])
+            squeezed = F.conv2d(x, weight, groups=2)
+            up_sq = self.squeeze_up.out_channels
+            return squeezed[:, :up_sq], squeezed[:, up_sq:]
+        x_up = self.squeeze_up(x[:, :up])
+        # avg pooling commutes with a bias-free 1x1 conv: pool first, squeeze fewer pixels
+        x_low = self.squeeze_low(downsample(x[:, up:], self.stride))
+        return x_up, x_low
 
     @staticmethod
     def _beta1(y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
@@ -337,38 +351,23 @@ class CRU(nn.Module):
         # Eq. 9: beta1 * Y1 + (1 - beta1) * Y2 == lerp(Y2, Y1, beta1)
         return torch.lerp(y2, y1, beta1)
 
-    # ------------------------------------------------------------------ inference
-    def _transform_fused(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fused_squeeze is not None:
-            squeezed = self.fused_squeeze(x)
-            up_sq = self.fused_squeeze.out_channels // 2
-            x_up, x_low = squeezed[:, :up_sq], squeezed[:, up_sq:]
-        else:
-            x_up = self.squeeze_up(x[:, :self.up_channels])
-            x_low = self.squeeze_low(x[:, self.up_channels:])
-        y1 = self.fused_upper(x_up)                                   # Eq. 5, merged
-        y2 = torch.cat([self.pwc2(x_low), x_low], dim=1)              # Eq. 6
-        return y1, y2
-
     @torch.no_grad()
     def fuse_for_inference(self) -> CRU:
-        """Merge parallel linear branches in place (stride 1 only; a no-op at stride > 1).
+        """Merge GWC + PWC1 (Eq. 5) into one dense k x k conv, in place (stride 1 only).
 
-        GWC + PWC1 (Eq. 5) -> one dense k x k conv: the GWC weight expanded to all input
-        channels (zeros outside each group's block) plus the PWC1 weight on the centre tap. The
-        two squeeze convs -> one 2-group 1x1 conv when the split is even. Exact up to rounding.
-        At stride 2 PWC1 sees average-pooled inputs, which no single strided conv reproduces on
-        odd sizes, so nothing is merged. After fusing, the module is for inference only.
+        The grouped GWC weight is expanded to all input channels (zeros outside each group's
+        block) and the PWC1 weight is added to its centre tap: exact up to float rounding. At
+        stride 2 PWC1 reads average-pooled inputs, which no single strided conv reproduces on odd
+        sizes, so nothing is merged. After fusing, the module is meant for inference only.
         """
         if self.stride != 1 or self.fused_upper is not None:
             return self
         gwc, pwc1 = self.gwc, self.pwc1
         g, k, c_out, c_in = self.gwc_groups, self.kernel_size, gwc.out_channels, gwc.in_channels
-        # Expand the grouped weight (C2, c_in/g, k, k) into a block-diagonal dense one.
-        grouped = gwc.weight.view(g, c_out // g, c_in // g, k, k)
+        # (C2, c_in/g, k, k) grouped -> (g, C2/g, g, c_in/g, k, k) block-diagonal dense
         dense = gwc.weight.new_zeros(g, c_out // g, g, c_in // g, k, k)
         idx = torch.arange(g, device=dense.device)
-        dense[idx, :, idx] = grouped
+        dense[idx, :, idx] = gwc.weight.view(g, c_out // g, c_in // g, k, k)
         dense = dense.view(c_out, c_in, k, k)
         dense[:, :, k // 2, k // 2] += pwc1.weight[:, :, 0, 0]
         upper = nn.Conv2d(c_in, c_out, k, 1, gwc.padding, gwc.dilation, bias=gwc.bias is not None,
@@ -378,12 +377,6 @@ class CRU(nn.Module):
             upper.bias.copy_(gwc.bias)
         self.fused_upper = upper
         del self.gwc, self.pwc1
-        if self.up_channels == self.low_channels:
-            sq = nn.Conv2d(self.in_channels, 2 * self.squeeze_up.out_channels, 1, groups=2,
-                           bias=False, device=dense.device, dtype=dense.dtype)
-            sq.weight.copy_(torch.cat([self.squeeze_up.weight, self.squeeze_low.weight]))
-            self.fused_squeeze = sq
-            del self.squeeze_up, self.squeeze_low
         return self
 
 
@@ -445,9 +438,9 @@ class SCConv(nn.Module):
         self.sru = SpatialReconstruction(sru_channels, gn_groups=gn_groups,
                                          gate_threshold=gate_threshold, gate=gate,
                                          name=sru_name, device=device, dtype=dtype)
-        self.cru = CRU(in_channels, out_channels, kernel_size, stride, same_padding(kernel_size,
-                       dilation), dilation, bias, device, dtype, split_ratio=split_ratio,
-                       squeeze_ratio=squeeze_ratio, gwc_groups=gwc_groups)
+        self.cru = CRU(in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
+                       device, dtype, split_ratio=split_ratio, squeeze_ratio=squeeze_ratio,
+                       gwc_groups=gwc_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.order == "sc":
