@@ -62,6 +62,7 @@ __all__ = [
     "evaluate_checkpoint",
     "load_recipe",
     "resolve_config",
+    "resume_config",
     "train",
 ]
 
@@ -166,6 +167,25 @@ def resolve_config(recipe: str | None = None, **overrides) -> TrainConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise TrainError(f"unknown config keys: {', '.join(unknown)}")
+    config = TrainConfig(**values)
+    _validate(config)
+    return config
+
+
+def resume_config(path, **overrides) -> TrainConfig:
+    """The config saved in checkpoint ``path`` with the ``overrides`` that are not ``None``.
+
+    :func:`train` then refuses overrides that would change the run (anything but ``out``,
+    ``data_dir``, ``workers``, ``device``, and ``epochs`` of a step schedule).
+    """
+    from .checkpoint import load_checkpoint
+
+    saved = load_checkpoint(path).get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {path} has no training config")
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in saved.items() if k in known}
+    values.update({k: v for k, v in overrides.items() if v is not None})
     config = TrainConfig(**values)
     _validate(config)
     return config
@@ -361,8 +381,12 @@ def train(config: TrainConfig, *, resume: bool | str = False) -> TrainResult:
             world_size=env.world_size, train_subset=config.train_subset,
             test_subset=config.test_subset, image_size=config.image_size,
             workers=config.workers)
-        model = create_model(config.model, conv=config.conv, num_classes=info.num_classes,
-                             in_channels=info.in_channels, **config.hparams)
+        try:
+            model = create_model(config.model, conv=config.conv, num_classes=info.num_classes,
+                                 in_channels=info.in_channels, **config.hparams)
+        except (ValueError, TypeError) as e:
+            raise TrainError(f"cannot build {config.model} with conv={config.conv} "
+                             f"{config.hparams}: {e}") from None
         if ckpt is not None:
             load_state_into(model, ckpt["state_dict"], out / "last.pt")
         if env.distributed and env.device.type == "cuda":
