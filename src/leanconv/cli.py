@@ -229,7 +229,114 @@ def _add_tables(sub) -> None:
     p.set_defaults(func=run)
 
 
-_SUBCOMMANDS = [_add_convs, _add_profile, _add_tables, _add_bench]
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a model on a dataset with a recipe (torchrun for many processes)",
+        description="Train MODEL with conv NAME. Writes config.yaml/json, metrics.csv/jsonl, "
+        "last.pt and best.pt to --out. Under `torchrun --nproc_per_node N` the same command "
+        "runs data-parallel.")
+    p.add_argument("model", help="model name (see leanconv.available_models())")
+    add_conv_arguments(p)
+    p.add_argument("--data", default=None,
+                   help="fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic "
+                   "(default: the recipe's)")
+    p.add_argument("--recipe", default=None,
+                   help="recipe name (fashion-mnist, cifar, cifar-compconv, imagenet, "
+                   "imagenet-cosine) or a .yaml path (default: the dataset's)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-CONV-DATA)")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="per process")
+    p.add_argument("--lr", type=float, default=None, help="(peak) learning rate")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--schedule", choices=("step", "cosine", "onecycle", "constant"), default=None)
+    p.add_argument("--seed", type=int, default=None, help="default 0; a seed repeats a run")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on a fixed random subset of N images (quick runs)")
+    p.add_argument("--test-subset", type=int, default=None, metavar="N",
+                   help="evaluate on a fixed random subset of N test images")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="turn off the dataset's training augmentation")
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                   help="mixed precision (bf16 on CPU; fp16 or bf16 on CUDA)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers for imagefolder (default 0)")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue the run in --out from last.pt (or from CHECKPOINT), exactly")
+
+    def run(args):
+        import logging
+
+        from .checkpoint import CheckpointError
+        from .data import DataError
+        from .train import TrainError, resolve_config, resume_config, train
+
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        hparams = hparams_from_args(args, args.conv)
+        overrides = dict(
+            model=args.model, conv=args.conv, data=args.data, data_dir=args.data_dir,
+            out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+            schedule=args.schedule, seed=args.seed, train_subset=args.train_subset,
+            test_subset=args.test_subset, augment=args.augment, amp=args.amp,
+            workers=args.workers, device=args.device)
+        try:
+            if args.resume:
+                if args.out is None and args.resume is True:
+                    raise TrainError("--resume needs --out DIR (or --resume CHECKPOINT)")
+                path = args.resume if args.resume is not True else f"{args.out}/last.pt"
+                config = resume_config(path, recipe=args.recipe, hparams=hparams or None,
+                                       **overrides)
+            else:
+                if args.out is None:
+                    overrides["out"] = f"runs/{args.model}-{args.conv}-{args.data or 'default'}"
+                config = resolve_config(args.recipe, hparams=hparams, **overrides)
+            result = train(config, resume=args.resume)
+        except (CheckpointError, DataError, TrainError) as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"best test top-1 {100 * result.best_top1:.2f}%; run saved in {result.out}")
+
+    p.set_defaults(func=run)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="score a checkpoint on a test set",
+                       description="Rebuild the model a checkpoint describes and report test "
+                       "top-1, top-5 and loss (the run's numbers, exactly, on its dataset).")
+    p.add_argument("checkpoint", help="a last.pt or best.pt written by `leanconv train`")
+    p.add_argument("--data", default=None, help="dataset (default: the one it was trained on)")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: the run's eval batch size")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--json", metavar="OUT", default=None,
+                   help='write {"top1": ..., "top5": ..., "loss": ...} (fractions) to OUT')
+
+    def run(args):
+        import json
+
+        from .checkpoint import CheckpointError
+        from .data import DataError
+        from .train import TrainError, evaluate_checkpoint
+
+        try:
+            res = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir,
+                                      batch_size=args.batch_size, device=args.device)
+        except (CheckpointError, DataError, TrainError) as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"top1 {100 * res['top1']:.2f}%  top5 {100 * res['top5']:.2f}%  "
+              f"loss {res['loss']:.4f}  ({res['count']} test images)")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({k: res[k] for k in ("top1", "top5", "loss")}, f, indent=1)
+
+    p.set_defaults(func=run)
+
+
+_SUBCOMMANDS = [_add_convs, _add_profile, _add_tables, _add_bench, _add_train, _add_eval]
 
 
 def main(argv: list[str] | None = None) -> int:
