@@ -71,6 +71,14 @@ def test_sru_params_are_conv_plus_gn():
     assert sum(p.numel() for p in create_conv("sru", 64, 64).parameters()) == 9 * 64 * 64 + 128
 
 
+def test_sru_in_resnet50_matches_table_1():
+    # Table 1/2: "ResNet50 + S" 23.53M vs ResNet50 23.52M (CIFAR, 10 classes: 23,520,842 params)
+    widths = [64] * 3 + [128] * 4 + [256] * 6 + [512] * 3          # the 16 bottleneck 3x3 convs
+    extra = sum(n_params(SRU(w, w)) - 9 * w * w for w in widths)
+    assert extra == 7_552
+    assert round((23_520_842 + extra) / 1e6, 2) == 23.53
+
+
 def test_sru_unit_matches_paper_equations():
     unit = SpatialReconstruction(8, gn_groups=2)
     with torch.no_grad():

@@ -77,6 +77,7 @@ class SpatialReconstruction(nn.Module):
         gn_groups: number of GN groups. The paper gives none; 4 follows the popular code. Must
             divide ``channels``. GN is ``nn.GroupNorm`` with affine weight 1 and bias 0 at init.
         gate_threshold: t in (0, 1).
+        name: the constructor argument ``channels`` came from, used in error messages.
         gate: ``"soft"`` (default) or ``"hard"``.
 
             * ``"soft"`` -- the popular code's variant (cheng-haha/ScConv after its issue #13),
@@ -450,5 +451,7 @@ class SCConv(nn.Module):
         return self.cru(x) + downsample(self.sru(x), self.stride)
 
     def fuse_for_inference(self) -> SCConv:
+        """Merge the CRU's GWC + PWC1 (see :meth:`CRU.fuse_for_inference`); the SRU has nothing
+        to fold (GN normalises with per-sample statistics)."""
         self.cru.fuse_for_inference()
         return self
