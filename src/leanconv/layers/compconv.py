@@ -48,10 +48,11 @@ def adaptive_depth(in_channels: int, base_channels: int = 128) -> int:
     return max(1, min(ratio.bit_length(), MAX_ADAPTIVE_DEPTH))
 
 
-def _prim_fits(out_channels: int, depth: int, prim: int) -> bool:
-    """The Eq. 4 width exceeds ``out_channels`` by no more than the X_A0 channels we may drop."""
+def _prim_fits(out_channels: int, depth: int, prim: int, keep_tail: bool = False) -> bool:
+    """The Eq. 4 width exceeds ``out_channels`` by no more than the X_A0 channels we may drop
+    (by fewer, with ``keep_tail``, so that at least one X_A0 channel remains)."""
     excess = 2 * (2**depth - 1) * prim - out_channels
-    return excess <= 2 ** (depth - 1) * prim
+    return excess < 2 ** (depth - 1) * prim + (not keep_tail)
 
 
 def compconv_layout(
@@ -64,7 +65,7 @@ def compconv_layout(
     """``(C_prim, identity channels, kept tailing channels)`` of a CompConv, or ``ValueError``.
 
     * ``C_prim = ceil(C_out / (2 (2^d - 1)))`` (Eq. 5), rounded up to an even number when
-      ``even_prim`` and the rounded value still fits (see :class:`CompConv`, "C_prim").
+      ``even_prim`` and the rounded value still leaves X_A0 a channel (see :class:`CompConv`).
     * The identity parts ``X_A1 .. X_A(d-1)`` take ``(2^(d-1) - 1) C_prim`` distinct input
       channels (none for ``identity="conv"``, where a 1x1 conv produces them).
     * ``X_A0`` keeps ``2^(d-1) C_prim - excess`` channels, where ``excess`` is by how much the
@@ -79,7 +80,7 @@ def compconv_layout(
             f"the {2 ** (depth - 1) * prim} tailing channels X_A0 that Sec. 3.4 may drop; "
             f"use a smaller depth"
         )
-    if even_prim and prim % 2 and _prim_fits(out_channels, depth, prim + 1):
+    if even_prim and prim % 2 and _prim_fits(out_channels, depth, prim + 1, keep_tail=True):
         prim += 1
     identity_channels = (2 ** (depth - 1) - 1) * prim
     if identity != "conv" and identity_channels > in_channels:
@@ -120,41 +121,49 @@ class CompConv(nn.Module):
 
     Output: ``(N, C_out, ceil(H / stride), ceil(W / stride))``, like a same-padded ``nn.Conv2d``.
 
-    Choices the paper leaves open (each checked against the VGG-16 rows of Tables 1-4):
+    Choices the paper leaves open, settled against the VGG-16 (CIFAR) rows of Tables 1-4 by
+    building the network (13 convs with BN + Linear(512, 10); MACs counted by FlopCounterMode;
+    the paper's counter adds about 0.8M for BN/ReLU: vanilla is 313.2M here, 314M there):
 
-    * **C_prim** (``even_prim=True``): Eq. 5's ceiling is rounded up to an even number (when the
-      extra channels still fit in ``X_A0``), which makes the ``2 (2^d - 1) P`` concatenated
-      channels divisible by the 4 shuffle groups. This is a deviation from the text of Eq. 5 that
-      the paper's own numbers require: CompConv128-VGG16 is 3.28M / 107.1M MACs with it and
-      3.18M / 105.6M without (paper 3.3M / 107M, Tables 1-3, 5); stage-5 d = 3 is 4.28M without
-      vs 4.17M (paper 4.3M, Table 4). ``even_prim=False`` gives Eq. 5 literally.
+    * **C_prim** (``even_prim=True``): Eq. 5's ceiling is rounded up to an even number, unless
+      that would leave ``X_A0`` empty; the ``2 (2^d - 1) P`` concatenated channels then split
+      evenly into the 4 shuffle groups. This departs from the letter of Eq. 5 because the
+      paper's own counts need it: CompConv128 is 3.28M / 107.1M with it, 3.18M / 105.6M without
+      (paper 3.3M / 107M, Tables 1-3, 5); global d = 3 is 2.94M vs 2.81M (paper 2.9M); the
+      last-stage rows of Table 4 are 8.25M / 252.0M, 5.53M / 227.2M, 4.28M / 215.3M for d = 1, 2,
+      3 (paper 8.2M / 253M, 5.5M / 228M, 4.3M / 216M; without rounding d = 3 gives 4.17M / 214.2M).
+      Only Table 3's d = 4 row (2.2M / 56M) fits Eq. 5 unrounded better (2.24M / 55.1M vs 2.29M
+      / 60.7M). ``even_prim=False`` follows Eq. 5 literally.
     * **Depth**: ``depth`` fixes ``d`` (any d >= 1; Table 3 uses d = 4); ``depth=None`` uses
-      Eq. 6 with ``log2`` rounded down (:func:`adaptive_depth`), so C0 = 128 gives d = 1, 1, 2,
-      3, 3 for C_in = 64, 128, 256, 512, 1024. A given ``depth`` the channels cannot hold raises
-      ``ValueError``; an adaptive one is lowered until they can (d = 1 always can).
-    * **Identity parts** (``identity``): the ``A_j`` are disjoint consecutive blocks of one slab
-      of ``(2^(d-1) - 1) P`` channels, ``A_1`` first. ``"fixed"`` (paper default, Sec. 4.2): the
-      slab is the starting channels of the input, a slicing view. ``"group"``: the input is cut
-      into as many equal groups as the slab has channels and the first channel of each group is
-      taken (a strided view when it divides evenly). ``"random"``: a random choice of distinct
-      channels drawn at construction from torch's global generator (so ``torch.manual_seed``
-      fixes it like the initial weights), kept as the persistent buffer ``identity_index`` so
-      checkpoints and exports carry it. ``"conv"``: a 1x1 conv ``C_in -> slab`` (Table 2: with
-      disjoint blocks this is +0.34M / +4.4M MACs on CompConv128-VGG16, paper +0.3M / +5M). With
-      ``d = 1`` there are no identity parts and the option has no effect.
-      The blocks must be distinct input channels, so ``"fixed"``, ``"group"`` and ``"random"``
-      need ``C_in >= (2^(d-1) - 1) P``. VGG-16's first conv (3 -> 64) cannot hold d >= 2; the
-      paper's global-d rows match best with that conv left vanilla (Table 4 first stage: 294.6M,
-      288.0M, 285.7M MACs for d = 1, 2, 3 vs 295M, 289M, 287M; zero-padding the missing
-      channels gives 292.0M and 290.7M for d = 2, 3); :meth:`max_depth` tells a model builder.
-    * **Stride**: the level-0 conv carries the stride; the identity parts are average-pooled
-      with :func:`~leanconv.layers._utils.downsample`; every later conv runs at the output size.
-    * **No BN or activation inside**: the paper names none; the module is linear like the
-      ``nn.Conv2d`` it replaces and the host block's BN/ReLU follow it. This keeps Eq. 8 exact.
-    * **Truncation** keeps all of ``X_B0`` and the intermediate results and drops only ``X_A0``
-      channels, possibly all of them when ``X_B0`` and the ``B_j`` already fill ``C_out``.
-    * **Shuffle** when ``C_out`` is not a multiple of 4: groups of ``ceil(C_out / 4)`` channels,
-      the last one shorter, interleaved in the same order as ShuffleNet's shuffle.
+      Eq. 6 with ``log2`` rounded down (:func:`adaptive_depth`): d grows by one each time C_in
+      doubles past C0, so C0 = 128 gives d = 1, 1, 2, 3, 3 for C_in = 64, 128, 256, 512, 1024 and
+      d = 1 for C_in = 192. A given ``depth`` the channels cannot hold raises ``ValueError``; an
+      adaptive one is lowered until they can (d = 1 always can).
+    * **Identity parts** (``identity``): ``A_1 .. A_(d-1)`` are disjoint consecutive blocks of
+      one slab of ``(2^(d-1) - 1) P`` channels, ``A_1`` first. ``"fixed"`` (default, Sec. 4.2):
+      the slab is the starting channels of the input, a slicing view. ``"group"``: the input is
+      cut into as many equal groups as the slab has channels and the first channel of each group
+      is taken (a strided view when that divides evenly). ``"random"``: distinct channels drawn at
+      construction from torch's global generator (``torch.manual_seed`` fixes them as it fixes
+      the initial weights), kept in the persistent buffer ``identity_index`` so checkpoints and
+      exports carry them. ``"conv"``: a 1x1 conv ``C_in -> slab``; distinct blocks give +0.34M /
+      +4.4M on CompConv128-VGG16 (3.62M / 111.5M; paper 3.6M / 112M, Table 2), shared blocks
+      would give only +0.24M. With ``d = 1`` there are no identity parts and no option applies.
+    * **Too few input channels**: ``"fixed"``, ``"group"`` and ``"random"`` need
+      ``C_in >= (2^(d-1) - 1) P``; there is no zero-filling. VGG-16's first conv (3 -> 64) holds
+      only d = 1 (:meth:`max_depth`). Keeping that conv vanilla for d >= 2 matches Table 4's
+      first-stage rows (294.0M, 288.0M, 285.7M for d = 1, 2, 3 vs 295M, 289M, 287M), and global
+      d = 2, 3 give 4.35M / 99.6M and 2.94M / 71.8M (paper 4.3M / 100M, 2.9M / 73M); building it
+      at d = 1 instead gives 99.0M and 71.2M; zero-filling the missing channels would give
+      292.0M / 290.7M on the first stage, too many. That choice belongs to the model builder.
+    * **Stride**: the level-0 conv carries the stride; the identity slab is average-pooled with
+      :func:`~leanconv.layers._utils.downsample`; all later convs run at the output size.
+    * **No BN or activation inside**: the paper names none, so the module is linear like the
+      ``nn.Conv2d`` it replaces and the host block's BN/ReLU follow it; Eq. 8 stays exact.
+    * **Truncation** drops only ``X_A0`` channels (never computed), all of them if ``X_B0`` and
+      the ``B_j`` already fill ``C_out``; a ``C_out`` needing more raises ``ValueError``.
+    * **Shuffle** for ``C_out`` not a multiple of 4: groups of ``ceil(C_out / 4)`` channels (the
+      last shorter) read column by column, ShuffleNet's order when it divides.
     * ``bias=True`` adds one learnable bias per output channel after the shuffle.
     """
 
