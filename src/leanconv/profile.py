@@ -22,12 +22,12 @@ What is counted:
 The model runs once, in eval mode, on the meta device by default: parameters and buffers are
 replaced by meta tensors through :func:`torch.func.functional_call`, so nothing is allocated or
 computed and the caller's model is not modified (ResNet-101 at 224x224 profiles in well under a
-second). Models that keep unregistered tensors fall back to a deep copy moved to meta.
+second). A model whose forward uses unregistered tensors (plain attributes, not buffers) cannot
+run on meta; it falls back to one real forward where the model lives.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -303,11 +303,11 @@ def profile(
             except (RuntimeError, NotImplementedError, TypeError):
                 if state is None:
                     raise
-                # Unregistered tensors in forward (device mismatch): profile a meta copy instead.
-                runner = copy.deepcopy(model).to("meta")
-                out, shapes, counts = _run(runner, x, None, mapping)
-                shapes = {m: shapes[c] for m, c in zip(model.modules(), runner.modules(),
-                                                         strict=True) if c in shapes}
+                # A forward that mixes in unregistered (non-buffer) tensors cannot run on meta:
+                # count with one real forward where the model lives instead (same counts).
+                first = next(iter(model.parameters()), None)
+                x = torch.randn(size, device=first.device if first is not None else "cpu")
+                out, shapes, counts = _run(model, x, None, mapping)
         else:
             if device is None:
                 first = next(iter(model.parameters()), None)

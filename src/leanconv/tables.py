@@ -25,8 +25,9 @@ variant  SPConv Table 4: ``P20`` -> representative="vanilla", ``P22`` ->
 stages   model argument: replace convs only in these stages (``stages=3,4``)
 ======== ======================================================================================
 
-``input`` is ``"<dataset> <H>x<W>"``: ``cifar`` selects the CIFAR build of a model (3x3 stride-1
-stem, see :func:`resolve_model_name`), ``imagenet`` the ImageNet one.
+``input`` is ``"<dataset> <H>x<W>"``: ``imagenet`` builds the model with ``stem="imagenet"``, any
+other dataset (``cifar``, ``mnist``) with ``stem="cifar"`` (3x3 stride-1 stem, no max pool), see
+:func:`build_model`.
 """
 
 from __future__ import annotations
@@ -150,10 +151,9 @@ def parse_input(text: str) -> tuple[str, tuple[int, int]]:
 def resolve_model_name(model: str, dataset: str) -> str:
     """The registered builder for ``model`` on ``dataset``.
 
-    Where a model exists in both a CIFAR and an ImageNet build, the CIFAR one is registered as
-    ``<model>_cifar`` (3x3 stride-1 stem, no max-pool); CIFAR-only models (resnet20, vgg16, ...)
-    have no suffix. ``cifar``/``mnist``-like datasets prefer ``<model>_cifar``; ``imagenet``
-    prefers the bare name.
+    Models that exist in both a CIFAR and an ImageNet build take ``stem="cifar"`` /
+    ``stem="imagenet"`` (:func:`build_model` passes it from the dataset); a builder registered as
+    ``<model>_cifar`` (or ``<model>_imagenet``) is preferred when one exists.
     """
     names = set(available_models())
     small = not dataset.startswith("imagenet")
@@ -182,8 +182,16 @@ def build_model(model: str, conv: str = "vanilla", *, input: str | int = "imagen
             takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
             if key not in params and not takes_any:
                 raise ValueError(f"model {name!r} does not take {key!r}")
+    # Models built for both datasets take stem="imagenet"/"cifar" (docs/placement.md); CIFAR-only
+    # builders accept only "cifar"; others take no stem at all.
+    stem = "imagenet" if dataset.startswith("imagenet") else "cifar"
     with torch.device(device):
-        return create_model(name, conv=conv, **kwargs), name
+        try:
+            return create_model(name, conv=conv, stem=stem, **kwargs), name
+        except TypeError as exc:
+            if "stem" not in str(exc):
+                raise
+            return create_model(name, conv=conv, **kwargs), name
 
 
 # ----------------------------------------------------------------------------------------------
