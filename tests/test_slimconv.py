@@ -348,3 +348,13 @@ def test_natural_out_channels_validates():
         SlimConv.natural_out_channels(20, compression_ratio="8/3")
     with pytest.raises(ValueError, match="compression_ratio"):
         conv_out_channels("slimconv", 64, None, compression_ratio=3)
+
+
+def test_flipping_none_alias_and_export_of_variants():
+    assert SlimConv(16, flipping=None).flipping == "none"  # the CLI parses "none" as None
+    for k, flipping in (("8/3", "none"), ("1", "only")):
+        conv = SlimConv(32, compression_ratio=k, flipping=flipping, stride=2).eval()
+        x = torch.randn(2, 32, 9, 9)
+        program = torch.export.export(conv, (x,))
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), conv(x), rtol=1e-5, atol=1e-5)

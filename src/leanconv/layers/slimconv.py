@@ -128,7 +128,8 @@ class SlimConv(nn.Module):
     2, 8/3, 10/3, 4, 14/3, 16/3; and 1), ``se_reduction`` = r of the SE (32, Fig. 2; Table 3 uses
     24 and 8), ``se_min_channels`` = L (§3.2; Table 3 uses 6 and 16), ``flipping`` = Table 7's
     ablation: ``"flip"`` (the method), ``"none"`` ("w/o flipping": the bottom pathway uses ``w``
-    too) or ``"only"`` ("only flipping": both pathways use :math:`\tilde w`). ``groups`` applies
+    too; ``None`` means the same) or ``"only"`` ("only flipping": both pathways use
+    :math:`\tilde w`). ``groups`` applies
     to both k x k convs as in the official code (Sc-ResNeXt, §4.2); ``bottom_groups`` overrides
     it for the bottom k x k conv (``None`` = ``groups``): the README's Sc-ResNeXt-101 (32x3d, k=2)
     reproduces only with ``groups=32, bottom_groups=16``, since its bottom width is a sixth of
@@ -173,7 +174,7 @@ class SlimConv(nn.Module):
         compression_ratio: float | Fraction | str = Fraction(4, 3),
         se_reduction: int = 32,
         se_min_channels: int = 2,
-        flipping: str = "flip",
+        flipping: str | None = "flip",
         bottom_groups: int | None = None,
         device=None,
         dtype=None,
@@ -188,6 +189,7 @@ class SlimConv(nn.Module):
                 f"{natural} channels (C_in/k); pass out_channels={natural} or None"
             )
         k, r, top, mid, bottom = _widths(in_channels, compression_ratio)
+        flipping = "none" if flipping is None else flipping  # CLI: "--flipping none" -> None
         check_positive_int("se_reduction", se_reduction)
         check_positive_int("se_min_channels", se_min_channels)
         check_choice("flipping", flipping, _FLIPPING)
