@@ -476,6 +476,8 @@ def train(config: TrainConfig, *, resume: bool | str = False) -> TrainResult:
                     row["train_loss"], 100 * row["train_top1"], row["test_loss"],
                     100 * row["test_top1"], 100 * row["test_top5"], row["lr"], row["time"],
                     row["images_per_s"])
+        if env.distributed:
+            torch.distributed.barrier()  # every rank returns after rank 0 wrote the files
         return TrainResult(model, history, best, out)
     finally:
         D.teardown(env)
