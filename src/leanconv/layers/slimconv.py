@@ -114,7 +114,7 @@ class SlimConv(nn.Module):
     **Transform** (§3.1): top :math:`T = \mathrm{BN}(F_{k\times k}(X'_w))`, :math:`C/r \to C/r`;
     bottom :math:`B = \mathrm{BN}(F_{k\times k}(\delta(\mathrm{BN}(F_{1\times 1}
     (X'_{\tilde w})))))`, the 1x1 conv halving :math:`C/r \to C/(2r)`, the k x k conv keeping
-    :math:`C/(2r)`.
+    :math:`C/(2r)` (growing it back to :math:`C/2` at k = 1, see below).
 
     **Fuse**: :math:`Y = [T, B]` (top first), :math:`C/r + C/(2r) = 3C/(2r) = C/k` channels
     (``3C/4`` at the default k = 4/3).
@@ -129,11 +129,11 @@ class SlimConv(nn.Module):
     24 and 8), ``se_min_channels`` = L (§3.2; Table 3 uses 6 and 16), ``flipping`` = Table 7's
     ablation: ``"flip"`` (the method), ``"none"`` ("w/o flipping": the bottom pathway uses ``w``
     too; ``None`` means the same) or ``"only"`` ("only flipping": both pathways use
-    :math:`\tilde w`). ``groups`` applies
-    to both k x k convs as in the official code (Sc-ResNeXt, §4.2); ``bottom_groups`` overrides
-    it for the bottom k x k conv (``None`` = ``groups``): the README's Sc-ResNeXt-101 (32x3d, k=2)
-    reproduces only with ``groups=32, bottom_groups=16``, since its bottom width is a sixth of
-    the block width (reference notes §1.3). The 1x1 convs are never grouped.
+    :math:`\tilde w`). ``groups`` applies to both k x k convs as in the official code
+    (Sc-ResNeXt, §4.2); ``bottom_groups`` overrides it for the bottom k x k conv (``None`` =
+    ``groups``): the README's Sc-ResNeXt-101 (32x3d, k=2, 23.70M) reproduces only with
+    ``groups=32, bottom_groups=16``, its bottom width being a sixth of the block width
+    (reference notes §1.3). The 1x1 convs are never grouped.
 
     Where this follows the official code (JiaxiongQ/SlimConv) or departs from the paper text:
 
@@ -143,9 +143,10 @@ class SlimConv(nn.Module):
       generalisation that reproduces the README's Sc-ResNet-50 (k=8/3) 12.10M params exactly.
     * ``k = 1`` (not in the SlimConv paper; the SCConv paper's "SlimConv (k=1)" rows): halves
       are summed as at k = 4/3 and the bottom k x k conv maps ``C/4 -> C/2``, so top and bottom
-      each give ``C/2``. This reproduces SlimConv-R50 (k=1) 18.73M / 2.97 GMACs (paper 18.81M /
-      3.00G) and, replacing the second 3x3 conv of each CIFAR basic block, SlimConv-R56 (k=1)
-      0.60M params.
+      each give ``C/2``. Replacing the second 3x3 conv of every CIFAR basic block (host BN
+      kept) gives SlimConv-R56 (k=1) 0.597M params and, counted as the SCConv paper does (conv
+      MACs + 2 per BN output + GAP), 88.82M FLOPs: the paper's 0.60M / 88.82M exactly. In
+      ResNet-50's bottlenecks it gives 18.73M / 2.97 GMACs (SCConv Table 3: 18.81M / 3.00G).
     * SE hidden width ``max(C // se_reduction, se_min_channels)``: the official code has no floor
       (``C // 32``, zero channels and a crash for C < 32). The default ``se_min_channels=2`` is
       the largest floor that leaves every layer of the paper's ImageNet ResNet/ResNeXt models
