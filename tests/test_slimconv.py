@@ -358,3 +358,33 @@ def test_flipping_none_alias_and_export_of_variants():
         program = torch.export.export(conv, (x,))
         with torch.no_grad():
             torch.testing.assert_close(program.module()(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_macs_of_the_module():
+    """Conv MACs (the papers' FLOPs): SE 2Ch + top k^2 (C/2)^2 HW' + bottom (C/2)(C/4) HW
+    + k^2 (C/4)^2 HW' at k = 4/3, with the bottom 1x1 at the input resolution (official)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c, hw, hw_out = 64, 56 * 56, 28 * 28
+    conv = SlimConv(c, stride=2).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        conv(torch.randn(1, c, 56, 56))
+    macs = 2 * c * 2 + 9 * 32 * 32 * hw_out + 32 * 16 * hw + 9 * 16 * 16 * hw_out
+    assert counter.get_total_flops() == 2 * macs
+
+
+def test_cifar_resnet56_k1_matches_scconv_table2_params():
+    """SCConv Table 2 "SlimConv-R56 (k=1)": 0.60M. k = 1 in the second 3x3 conv of each basic
+    block (host BN kept), option-B projection shortcuts, 10 classes: 597,326 parameters."""
+    total = 3 * 16 * 9 + 2 * 16 + 64 * 10 + 10
+    inp = 16
+    for w in (16, 32, 64):
+        for _ in range(9):
+            total += 9 * inp * w + 2 * w                                    # conv1 + bn1
+            total += n_params(SlimConv(w, w, compression_ratio=1)) + 2 * w  # SlimConv + bn2
+            if inp != w:
+                total += inp * w + 2 * w                                    # projection
+            inp = w
+    assert total == 597_326
+    assert round(total / 1e6, 2) == 0.60
