@@ -33,6 +33,8 @@ def parse_hparam_value(text: str, default: object) -> object:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
         return text.lower() in ("true", "1", "yes")
+    if isinstance(default, str):
+        return text  # string-valued hparams: "none" is a valid choice (SlimConv flipping="none")
     if text.lower() == "none":
         return None
     try:
@@ -336,7 +338,68 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=run)
 
 
-_SUBCOMMANDS = [_add_convs, _add_profile, _add_tables, _add_bench, _add_train, _add_eval]
+def _add_compare(sub) -> None:
+    from .compare import BUDGETS, DEFAULT_CONVS
+
+    p = sub.add_parser(
+        "compare", help="the side-by-side study: complexity, speed and accuracy of conv types",
+        description="Train and measure MODEL with every conv type on one dataset: params, MACs, "
+        "latency at batch 1/32 and training img/s and backward memory as ratios to vanilla "
+        "(measured in the same run), and test top-1 over seeds. Writes results.md, "
+        "results.json, pareto.png and the resolved config to --out; re-running with the same "
+        "--out reuses finished entries. Budgets: "
+        + "; ".join(f"{b.name}: {b.description}" for b in BUDGETS.values()))
+    p.add_argument("--model", default="resnet20", help="model name (default: resnet20)")
+    add_conv_arguments(p, multiple=True)
+    p.set_defaults(convs=",".join(DEFAULT_CONVS))
+    p.add_argument("--data", default="fashion-mnist",
+                   help="fashion-mnist | cifar10 | cifar100 | synthetic (default: fashion-mnist)")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    p.add_argument("--budget", choices=list(BUDGETS), default="quick",
+                   help="quick (default, < 10 min on 2 cores), standard, full, tiny (tests)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: budget's)")
+    p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    p.add_argument("--recipe", default=None, help="training recipe (default: the dataset's)")
+    p.add_argument("--epochs", type=int, default=None, help="override the budget's epochs")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="override the budget's train subset (0 = full train set)")
+    p.add_argument("--test-subset", type=int, default=None, metavar="N",
+                   help="override the budget's test subset (0 = full test set)")
+    p.add_argument("--batch", type=_int_list, default=None, metavar="B[,B...]",
+                   help="inference latency batch sizes (default: 1,32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of the speed measurements (default: 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+
+    def run(args):
+        import logging
+
+        from .checkpoint import CheckpointError
+        from .compare import resolve_compare_config, run_compare
+        from .data import DataError
+        from .train import TrainError
+
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                                datefmt="%H:%M:%S")
+        convs = [c.strip() for c in args.convs.split(",") if c.strip()]
+        try:
+            config = resolve_compare_config(
+                args.budget, model=args.model, convs=convs, data=args.data,
+                hparams={c: hparams_from_args(args, c) for c in convs}, seeds=args.seeds,
+                data_dir=args.data_dir, recipe=args.recipe, epochs=args.epochs,
+                train_subset=args.train_subset,
+                test_subset=args.test_subset, batches=args.batch,
+                threads=args.threads, device=args.device, out=args.out)
+            run_compare(config)
+        except (ValueError, CheckpointError, DataError, TrainError) as e:
+            raise SystemExit(f"error: {e}") from None
+
+    p.set_defaults(func=run)
+
+
+_SUBCOMMANDS = [_add_convs, _add_profile, _add_tables, _add_bench, _add_train, _add_eval,
+                _add_compare]
 
 
 def main(argv: list[str] | None = None) -> int:
