@@ -1,0 +1,210 @@
+"""Where each paper puts its module inside a host network, in one place (see docs/placement.md).
+
+A host network (ResNet, CIFAR ResNet, WRN, ResNeXt-29, ...) asks :func:`place_conv` for every
+conv it builds, naming the conv's *role*; a :class:`Placement` decides per role whether the
+paper's module or a plain :class:`~leanconv.layers.VanillaConv` goes there, and
+:func:`place_norm` whether the host's BN after a replaced conv is kept.
+
+Roles:
+
+* ``"stem"``: the first conv, reading the image (7x7/2 on ImageNet, 3x3 on CIFAR).
+* ``"kxk"``: the k x k conv of a bottleneck (``conv2``) or of a plain stack (VGG).
+* ``"basic1"`` / ``"basic2"``: the first / second k x k conv of a two-conv basic block.
+* ``"pointwise"``: the 1x1 convs of a bottleneck (``conv1``, ``conv3``).
+* ``"downsample"``: the 1x1 projection of a shortcut.
+
+Defaults (``placement=None`` or ``"paper"``) follow each paper's own build:
+
+========== ===== ========================= ======= ========= ========== =======
+conv       stem  block k x k               strided 1x1       downsample host BN
+========== ===== ========================= ======= ========= ========== =======
+slimconv   no    bottleneck conv2; basic:  yes     no        no         removed
+                 conv1 only
+spconv     no    all (basic: both)         yes     no        no         kept
+sru/cru/   no    all (basic: both)         yes     no        no         kept
+scconv
+compconv   no    all (basic: both)         yes     yes       yes        kept
+ghost      no    all (basic: both)         yes     yes       yes        kept
+other      no    all (basic: both)         yes     no        no         kept
+========== ===== ========================= ======= ========= ========== =======
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields, replace
+
+from torch import nn
+
+from ..layers import conv_class, conv_out_channels, create_conv
+from ..layers._utils import check_choice
+
+__all__ = ["PAPER_PLACEMENTS", "Placement", "place_conv", "place_norm", "resolve_placement"]
+
+_ROLES = ("stem", "kxk", "basic1", "basic2", "pointwise", "downsample")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which convs of a host network a conv type replaces.
+
+    Args:
+        stem: replace the stem conv that reads the image.
+        kxk: replace the k x k convs of the blocks (bottleneck ``conv2``, basic-block convs).
+        basic: which k x k convs of a two-conv basic block: ``"both"``, ``"first"``, ``"second"``,
+            or ``"auto"``: the second when the conv keeps the width, else the first (a
+            width-changing conv such as SlimConv with k != 1 can only sit where the next conv
+            can read its output; see :meth:`resolve_basic`).
+        strided: also replace k x k convs that carry the stage's stride 2.
+        pointwise: replace the 1x1 convs of bottlenecks.
+        downsample: replace the 1x1 projection shortcuts.
+        keep_bn: keep the host's BN after a replaced conv (``False``: the module's own internal
+            norms stand in for it, as in SlimConv's official bottleneck, and the BN is removed).
+    """
+
+    stem: bool = False
+    kxk: bool = True
+    basic: str = "both"
+    strided: bool = True
+    pointwise: bool = False
+    downsample: bool = False
+    keep_bn: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("placement.basic", self.basic, ("both", "first", "second", "auto"))
+
+    def replaces(self, role: str, stride: int = 1) -> bool:
+        """Whether the conv in ``role`` (carrying ``stride``) gets the paper's module."""
+        check_choice("role", role, _ROLES)
+        if role == "stem":
+            return self.stem
+        if role == "pointwise":
+            return self.pointwise
+        if role == "downsample":
+            return self.downsample
+        if not self.kxk or (stride > 1 and not self.strided):
+            return False
+        if role in ("basic1", "basic2") and self.basic == "auto":
+            raise ValueError("placement.basic='auto' must be resolved first (resolve_basic)")
+        if role == "basic1":
+            return self.basic in ("both", "first")
+        if role == "basic2":
+            return self.basic in ("both", "second")
+        return True  # "kxk"
+
+    def resolve_basic(self, conv: str, channels: int, hparams: dict) -> Placement:
+        """Replace ``basic="auto"`` by ``"second"`` if ``conv`` keeps ``channels`` channels,
+        else ``"first"``; other placements are returned unchanged."""
+        if self.basic != "auto":
+            return self
+        keeps = conv_out_channels(conv, channels, channels, **hparams) == channels
+        return replace(self, basic="second" if keeps else "first")
+
+
+#: Each paper's own build; a conv type not listed here gets ``Placement()``.
+PAPER_PLACEMENTS: dict[str, Placement] = {
+    # SlimConv official SC-ResNet.py: only Bottleneck.conv2, bn2 dropped (the module ends in BNs),
+    # conv3 reads the module's C/k channels. Basic blocks (untouched in the official code): one
+    # conv per block, the second one when k = 1 keeps the width (SCConv Tab. 2 "SlimConv-R56
+    # (k=1)" 0.60M), else the first (conv2 then reads C/k and gives the residual width back).
+    "slimconv": Placement(basic="auto", keep_bn=False),
+    # SPConv official resnet_sp.py (after 78c734f): Bottleneck.conv2, BasicBlock.conv1 + conv2,
+    # strided ones included; stem, 1x1s and downsample vanilla; host bn2 kept.
+    "spconv": Placement(),
+    # SCConv Sec. 3.3-3.4: "only the bottleneck 3x3 convolutions" replaced, strided included
+    # (the -34% of Table 3 needs them); GN is the module's only norm, so the host BN stays.
+    "sru": Placement(),
+    "cru": Placement(),
+    "scconv": Placement(),
+    # CompConv Sec. 4.3: "replacing regular convolutions with CompConv except for the Conv1 before
+    # the first MaxPooling" / Tab. 7 "We replace all convolutions in both basic block and
+    # bottleneck": 1x1s and projections included.
+    "compconv": Placement(pointwise=True, downsample=True),
+    # GhostNet's ghost_resnet.py: the drop-in Ghost conv is every conv of the bottleneck, 1x1s and
+    # downsample included; only the stem stays vanilla.
+    "ghost": Placement(pointwise=True, downsample=True),
+}
+
+_PRESETS = {
+    "kxk": Placement(),  # every block k x k conv, strided ones included, host BN kept
+    "all": Placement(pointwise=True, downsample=True),  # every conv but the stem
+    "everything": Placement(stem=True, pointwise=True, downsample=True),
+    "none": Placement(kxk=False),  # all vanilla (a baseline with the module's hparams ignored)
+}
+
+
+def resolve_placement(conv: str, placement: Placement | dict | str | None = None) -> Placement:
+    """The :class:`Placement` for ``conv``.
+
+    ``placement`` may be ``None`` / ``"paper"`` (the paper's own build, :data:`PAPER_PLACEMENTS`),
+    a preset name (``"kxk"``, ``"all"``, ``"everything"``, ``"none"``), a :class:`Placement`, or a
+    dict of field overrides applied on top of the paper's placement, e.g. ``{"strided": False}``.
+    """
+    paper = PAPER_PLACEMENTS.get(conv, Placement())
+    if placement is None or placement == "paper":
+        return paper
+    if isinstance(placement, Placement):
+        return placement
+    if isinstance(placement, str):
+        check_choice("placement", placement, ("paper", *_PRESETS))
+        return _PRESETS[placement]
+    if isinstance(placement, dict):
+        names = {f.name for f in fields(Placement)}
+        unknown = sorted(set(placement) - names)
+        if unknown:
+            raise ValueError(
+                f"placement does not take {', '.join(unknown)}; fields: {', '.join(sorted(names))}"
+            )
+        return replace(paper, **placement)
+    raise ValueError(
+        f"placement must be None, 'paper', a preset name, a Placement or a dict; got {placement!r}"
+    )
+
+
+def _accepts(conv: str, argument: str) -> bool:
+    return argument in inspect.signature(conv_class(conv).__init__).parameters
+
+
+def place_conv(
+    conv: str,
+    placement: Placement,
+    role: str,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    stride: int = 1,
+    *,
+    groups: int = 1,
+    dilation: int = 1,
+    bias: bool = False,
+    hparams: dict | None = None,
+) -> tuple[nn.Module, int, bool]:
+    """Build the conv for ``role``; return ``(module, width it produces, replaced?)``.
+
+    A replaced conv is ``create_conv(conv, ...)`` with the paper hyperparameters ``hparams``; the
+    rest are ``VanillaConv``. The host's ``groups`` (ResNeXt cardinality) is passed on only to
+    conv types that take a ``groups`` argument; the others (SPConv, SCConv, ...) use their own
+    grouping in place of the host's, as their official code does. The produced width comes from
+    :func:`~leanconv.layers.conv_out_channels` (SlimConv gives ``in_channels / k``).
+    """
+    replaced = conv != "vanilla" and placement.replaces(role, stride)
+    name = conv if replaced else "vanilla"
+    params = dict(hparams or {}) if replaced else {}
+    extra: dict = {}
+    if dilation != 1:
+        extra["dilation"] = dilation
+    if bias:
+        extra["bias"] = True
+    if groups != 1 and (name == "vanilla" or _accepts(name, "groups")):
+        extra["groups"] = groups
+    width = conv_out_channels(name, in_channels, out_channels, **params)
+    module = create_conv(name, in_channels, width, kernel_size, stride, **extra, **params)
+    return module, width, replaced
+
+
+def place_norm(placement: Placement, replaced: bool, channels: int, norm_layer=nn.BatchNorm2d):
+    """The host's norm after a conv: ``norm_layer(channels)``, or ``nn.Identity`` when the conv was
+    replaced and the placement drops the host BN (``keep_bn=False``)."""
+    if replaced and not placement.keep_bn:
+        return nn.Identity()
+    return norm_layer(channels)
