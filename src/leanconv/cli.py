@@ -270,6 +270,7 @@ def _add_train(sub) -> None:
 
     def run(args):
         import logging
+        import os
 
         from .checkpoint import CheckpointError
         from .data import DataError
@@ -299,7 +300,8 @@ def _add_train(sub) -> None:
             result = train(config, resume=args.resume)
         except (CheckpointError, DataError, TrainError) as e:
             raise SystemExit(f"error: {e}") from None
-        print(f"best test top-1 {100 * result.best_top1:.2f}%; run saved in {result.out}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"best test top-1 {100 * result.best_top1:.2f}%; run saved in {result.out}")
 
     p.set_defaults(func=run)
 

@@ -31,6 +31,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 
@@ -205,6 +206,8 @@ def _validate(c: TrainConfig) -> None:
     if not (isinstance(c.lr, int | float) and c.lr > 0):
         raise TrainError(f"lr={c.lr!r}; must be a positive number")
     c.milestones = [int(m) for m in c.milestones]
+    # Checkpoints hold primitives only (weights_only=True): an exact fraction travels as "4/3".
+    c.hparams = {k: str(v) if isinstance(v, Fraction) else v for k, v in c.hparams.items()}
     c.lr, c.weight_decay = float(c.lr), float(c.weight_decay)
 
 
@@ -446,9 +449,10 @@ def train(config: TrainConfig, *, resume: bool | str = False) -> TrainResult:
         elif ckpt is None:
             checkpoint(0)  # every rank joins the all-gather of RNG states
         if env.is_main:
-            _logger.info("training %s (conv=%s %s) on %s: %d train / %d test images, %d epochs "
+            _logger.info("training %s (conv=%s%s) on %s: %d train / %d test images, %d epochs "
                          "from %d, %d steps/epoch, %d process(es) on %s", config.model,
-                         config.conv, config.hparams or "", config.data,
+                         config.conv, "".join(f" {k}={v}" for k, v in config.hparams.items()),
+                         config.data,
                          _num_images(train_loader), _num_images(test_loader, env),
                          config.epochs, start_epoch, steps_per_epoch, env.world_size, env.device)
 
