@@ -5,7 +5,10 @@ checked for shape and internal consistency; memory held for backward is checked 
 layers whose saved tensors are known by hand.
 """
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,6 +219,7 @@ def test_bench_convs_prepared_path_reports_diff():
                          min_run_time=0.01, inference_path="prepared")
     assert report.results[0].max_abs_diff is not None
     assert report.results[0].max_abs_diff < 1e-4
+    assert 0 <= report.results[0].max_rel_diff < 1e-4
     assert "max |diff|" in format_table(report)
     with pytest.raises(ValueError, match="inference_path"):
         bench_convs(_builder, ["vanilla"], (3, 8, 8), inference_path="onnx")
@@ -257,3 +261,54 @@ def test_cli_bench(monkeypatch, tmp_path, capsys):
 def test_cli_bench_rejects_bad_batch():
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "x", "--batch", "0"])
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/speed.py: the issue 6 bars from given numbers
+# ---------------------------------------------------------------------------------------------
+def _load_script(name):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_bars_from_given_numbers():
+    speed = _load_script("speed")
+
+    def rows(lat, macs, ips=None, mem=None):
+        results = [
+            _result(conv, macs[conv], {8: lat[conv]}, ips=ips and ips[conv],
+                    saved=mem and mem[conv]) for conv in lat
+        ]
+        return with_ratios(results)
+
+    macs = {"vanilla": 1000, "spconv": 400, "ghost": 500}
+    data = {
+        # spconv: 0.9x time (1.11x speed of 2.5x fewer MACs: 44% realised) eager; prepared 0.5x
+        # time (2x speed, 80% realised). ghost: 1.1x time eager, 1.05x prepared -> FAIL.
+        "cifar-inference-eager": rows({"vanilla": 1.0, "spconv": 0.9, "ghost": 1.1}, macs),
+        "cifar-inference-prepared": rows({"vanilla": 1.0, "spconv": 0.5, "ghost": 1.05}, macs),
+        "imagenet-inference-eager": rows({"vanilla": 1.0, "spconv": 0.6, "ghost": 0.9}, macs),
+        "imagenet-inference-prepared": rows({"vanilla": 1.0, "spconv": 0.7, "ghost": 0.8}, macs),
+        "cifar-train": rows({"vanilla": 1.0, "spconv": 1.0, "ghost": 1.0}, macs,
+                            ips={"vanilla": 100.0, "spconv": 95.0, "ghost": 80.0},
+                            mem={"vanilla": 100, "spconv": 160, "ghost": 120}),
+    }
+    verdicts = {v["conv"]: v for v in speed.evaluate_bars(data, ["eager", "prepared"])}
+    assert set(verdicts) == {"spconv", "ghost"}
+    sp, gh = verdicts["spconv"], verdicts["ghost"]
+    assert sp["inference"] is True
+    assert sp["realised"] is True  # best path: cifar 80%, imagenet (1/0.6)/2.5 = 67%
+    assert sp["cifar_eager_realised"] == pytest.approx((1 / 0.9) / 2.5)
+    assert sp["train_ratio"] == pytest.approx(0.95)
+    assert sp["training"] is False  # memory 1.6x > 1.5x
+    assert gh["inference"] is False and gh["realised"] == "n/a"
+    assert gh["training"] is False  # 0.8x images/s
+    table = speed.bars_table(list(verdicts.values()), ["eager", "prepared"])
+    assert "| spconv | 0.90 (44%) | 0.50 (80%) |" in table
+    # A module that was not measured is reported as such, not as a failure.
+    missing = speed.evaluate_bars({"cifar-train": data["cifar-train"]}, ["eager"])
+    assert {v["conv"]: v["inference"] for v in missing} == {"spconv": None, "ghost": None}

@@ -203,6 +203,9 @@ def test_max_abs_diff_value_and_structures():
 
     x = torch.zeros(2, 3)
     assert max_abs_diff(Shift(0.0), Shift(0.5), x) == pytest.approx(0.5)
+    # Relative to the largest |output| of the first model: 2 * 2 = 4.
+    x = torch.full((2, 3), 2.0)
+    assert max_abs_diff(Shift(0.0), Shift(0.5), x, relative=True) == pytest.approx(0.5 / 4)
     with pytest.raises(ValueError, match="shapes"):
         max_abs_diff(nn.Identity(), nn.Flatten(0), torch.zeros(2, 3))
 

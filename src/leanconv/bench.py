@@ -344,6 +344,7 @@ class ConvResult:
     train: TrainResult | None = None
     backward: SavedTensors | None = None
     max_abs_diff: float | None = None  # prepared/compiled model vs training form
+    max_rel_diff: float | None = None  # the same / largest |output| of the training form
     error: str | None = None  # why this conv could not be measured
 
 
@@ -399,6 +400,7 @@ def with_ratios(results: Sequence[ConvResult], baseline: str = "vanilla") -> lis
             "memory_ratio": None,
             "peak_bytes": r.backward.peak_bytes if r.backward else None,
             "max_abs_diff": r.max_abs_diff,
+            "max_rel_diff": r.max_rel_diff,
             "error": r.error,
         }
         for batch, lat in r.latency.items():
@@ -437,13 +439,15 @@ def environment(threads: int, device: torch.device | str = "cpu") -> dict:
     }
 
 
-def _prepare(model: nn.Module, path: str, sample: torch.Tensor) -> tuple[nn.Module, float | None]:
+def _prepare(model: nn.Module, path: str, sample: torch.Tensor):
+    """(inference model, max abs diff, max relative diff) for the chosen inference path."""
     if path == "eager":
-        return model.eval(), None
+        return model.eval(), None, None
     from .inference import max_abs_diff, prepare_for_inference
 
     prepared = prepare_for_inference(model, compile=path == "compiled")
-    return prepared, max_abs_diff(model, prepared, sample)
+    return (prepared, max_abs_diff(model, prepared, sample),
+            max_abs_diff(model, prepared, sample, relative=True))
 
 
 def bench_convs(
@@ -478,6 +482,8 @@ def bench_convs(
     """
     if inference_path not in INFERENCE_PATHS:
         raise ValueError(f"inference_path must be one of {INFERENCE_PATHS}, got {inference_path!r}")
+    if train and not (train_batch or batches):
+        raise ValueError("training needs train_batch when no latency batches are given")
     device = torch.device(device)
     say = progress or (lambda msg: _logger.info(msg))
     convs = list(convs)
@@ -492,7 +498,8 @@ def bench_convs(
             torch.manual_seed(0)
             model = build(c).to(device)
             results[c].params, results[c].macs = complexity(model, (1, *input_shape))
-            infer[c], results[c].max_abs_diff = _prepare(model, inference_path, sample)
+            infer[c], results[c].max_abs_diff, results[c].max_rel_diff = _prepare(
+                model, inference_path, sample)
             models[c] = model
         except Exception as exc:  # a module still being written must not sink the whole table
             results[c].error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
@@ -519,6 +526,7 @@ def bench_convs(
 
     if train:
         tb = train_batch or max(batches)
+        say(f"training at batch {tb}")
         trainers: dict[str, _Trainer] = {}
         step_times: dict[str, list[float]] = {c: [] for c in alive}
         for c in alive:
@@ -632,7 +640,7 @@ def format_table(report: BenchReport) -> str:
         cols += [f"train img/s b{report.settings['train_batch']}", "train ratio",
                  "bwd memory", "memory ratio"]
     if report.settings["inference_path"] != "eager":
-        cols.append("max |diff|")
+        cols.append("max |diff| (rel.)")
     lines = header_lines(report)
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "|".join("---" for _ in cols) + "|")
@@ -650,8 +658,8 @@ def format_table(report: BenchReport) -> str:
             cells += ["-" if ips is None else f"{ips:.1f}", _x(row["train_ratio"]),
                       _si(row["backward_bytes"], "B"), _x(row["memory_ratio"])]
         if report.settings["inference_path"] != "eager":
-            d = row["max_abs_diff"]
-            cells.append("-" if d is None else f"{d:.1e}")
+            d, rel = row["max_abs_diff"], row["max_rel_diff"]
+            cells.append("-" if d is None else f"{d:.1e} ({rel:.0e})")
         lines.append("| " + " | ".join(cells) + " |")
     errors = [r for r in rows if r["error"] and r["latency"]]
     for row in errors:
