@@ -376,3 +376,25 @@ def test_learns_on_real_fashion_mnist(tmp_path):
     row = result.history[0]
     assert row["test_top1"] > 0.75, row
     assert row["test_top5"] > 0.95, row
+
+
+def test_imagefolder_run_and_fraction_hparams(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    pytest.importorskip("torchvision")
+    gen = torch.Generator().manual_seed(0)
+    for part in ("train", "val"):
+        for cls in ("a", "b", "c"):
+            (tmp_path / "img" / part / cls).mkdir(parents=True)
+            for i in range(4):
+                pixels = torch.randint(0, 256, (18, 20, 3), dtype=torch.uint8, generator=gen)
+                Image.fromarray(pixels.numpy()).save(tmp_path / "img" / part / cls / f"{i}.png")
+    config = T.resolve_config("imagenet", model="tiny_train_cnn", data="imagefolder",
+                              data_dir=str(tmp_path / "img"), image_size=16, batch_size=4,
+                              eval_batch_size=4, epochs=1, out=str(tmp_path / "run"))
+    result = T.train(config)
+    assert result.model[-1].out_features == 3
+    assert T.evaluate_checkpoint(tmp_path / "run" / "last.pt")["count"] == 12
+    from fractions import Fraction
+
+    c = T.resolve_config("cifar", hparams={"compression_ratio": Fraction(4, 3)})
+    assert c.hparams == {"compression_ratio": "4/3"}  # weights_only-safe in checkpoints

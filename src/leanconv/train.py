@@ -505,7 +505,8 @@ def _train_epoch(ddp, model, loader, criterion, optimizer, scheduler, scaler, co
     start = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, count
-    bar = tqdm(total=len(loader) * config.batch_size * env.world_size, unit="img",
+    per_rank = getattr(loader, "num_samples", None) or len(loader) * config.batch_size
+    bar = tqdm(total=per_rank * env.world_size, unit="img",
                unit_scale=True, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                disable=None if env.is_main else True, dynamic_ncols=True)
     for step, (images, labels) in enumerate(loader):
