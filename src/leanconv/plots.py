@@ -38,8 +38,12 @@ def pareto_plot(results: dict, path: str | Path) -> Path:
                             capsize=3, label=row["conv"])
             ax_mac.annotate(row["conv"], (row["macs"] / 1e6, y), textcoords="offset points",
                             xytext=(6, 4), fontsize=8)
+        ratios = [row.get(f"latency_b{b}_ratio") for b in batches]
+        known = [r for r in ratios if r is not None]
+        if len(known) > 1:  # one conv's batch sizes joined by a thin line
+            ax_lat.plot(known, [y] * len(known), color=color, lw=0.8, alpha=0.6)
         for j, b in enumerate(batches):
-            ratio = row.get(f"latency_b{b}_ratio")
+            ratio = ratios[j]
             if ratio is None:
                 continue
             ax_lat.errorbar(ratio, y, yerr=err, fmt=marker, color=color, ms=8, capsize=3,
