@@ -87,8 +87,11 @@ class InvertedResidual(nn.Module):
         if expand_ratio != 1 or cifar:  # kuangliu's CIFAR blocks always expand, t = 1 too
             layers.append(_conv_bn_relu(cin, hidden, 1))
         dw, width, keep_bn = depthwise_conv(conv, hidden, stride, **hparams)
-        layers += [dw, nn.BatchNorm2d(width) if keep_bn else nn.Identity(), nn.ReLU6(inplace=True),
-                   nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        layers += [
+            nn.Sequential(dw, nn.BatchNorm2d(width) if keep_bn else nn.Identity(),
+                          nn.ReLU6(inplace=True)),
+            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        ]
         self.conv = nn.Sequential(*layers)
         self.use_res_connect = stride == 1 and cin == cout
         # kuangliu's CIFAR build projects the shortcut of stride-1 blocks that change width.

@@ -1,0 +1,85 @@
+"""leanconv tables: hparam vocabulary, row evaluation, JSON / markdown outputs, CLI."""
+
+import json
+
+import pytest
+
+from leanconv import cli
+from leanconv.tables import parse_hparams, parse_input, read_targets, run_tables
+
+CSV = """paper,table,input,classes,model,conv,hparams,params_M,macs_G,note
+CompConv,3,cifar 32x32,10,vgg16,vanilla,,14.7,0.314,pinned
+SlimConv,3,imagenet 224x224,1000,mobilenet_v2,slimconv,k=8/3 r=24 L=6,3.38,0.256,
+SlimConv,3,imagenet 224x224,1000,shufflenet_v2_x1_0,vanilla,,2.28,0.151,
+X,1,cifar 32x32,10,no_such_model,vanilla,,1.0,0.1,cannot be built
+X,1,cifar 32x32,10,vgg16,vanilla,zz=3,1.0,0.1,unknown key
+"""
+
+
+def test_parse_hparams_maps_to_constructor_names():
+    assert parse_hparams("alpha=1/2 g=2", "spconv") == (
+        {"split_ratio": 0.5, "gwc_groups": 2}, {})
+    assert parse_hparams("alpha=1/2 r=2 g=2", "scconv")[0] == {
+        "split_ratio": 0.5, "squeeze_ratio": 2, "gwc_groups": 2}
+    conv, _ = parse_hparams("k=8/3 r=24 L=6", "slimconv")
+    assert conv["se_reduction"] == 24 and conv["se_min_channels"] == 6
+    assert conv["compression_ratio"] == pytest.approx(8 / 3)
+    assert parse_hparams("variant=P22", "spconv")[0] == {"representative": "gwc-then-pwc"}
+    assert parse_hparams("variant=no-P3", "spconv")[0] == {"fusion": "sum"}
+    assert parse_hparams("s=2", "ghost")[0] == {"ratio": 2}
+    assert parse_hparams("stages=3,4", "vanilla") == ({}, {"stages": (3, 4)})
+    with pytest.raises(ValueError, match="unknown hparams key"):
+        parse_hparams("zz=1", "spconv")
+    with pytest.raises(ValueError, match="does not apply"):
+        parse_hparams("k=2", "spconv")
+
+
+def test_parse_input():
+    assert parse_input("cifar 32x32") == ("cifar", (32, 32))
+    assert parse_input("imagenet 224x224") == ("imagenet", (224, 224))
+    assert parse_input("224") == ("imagenet", (224, 224))
+    assert parse_input("32") == ("cifar", (32, 32))
+
+
+def test_tables_json_and_markdown(tmp_path, capsys):
+    targets = tmp_path / "t.csv"
+    targets.write_text(CSV)
+    out_json, out_md = tmp_path / "o.json", tmp_path / "o.md"
+    results = run_tables(str(targets), markdown=str(out_md), json_path=str(out_json))
+    assert len(results) == len(read_targets(str(targets))) == 5
+    rows = json.loads(out_json.read_text())
+    assert len(rows) == 5
+    columns = ["paper", "table", "input", "classes", "model", "conv", "hparams", "params_M",
+               "macs_G", "note"]
+    for row in rows:
+        assert all(c in row for c in columns)
+        assert "measured_params_M" in row and "measured_macs_G" in row and "error" in row
+    vgg, sc_mobile, shuffle, missing, badkey = rows
+    assert vgg["measured_params"] == 14_724_042 and vgg["measured_macs"] == 313_201_664
+    assert vgg["measured_params_M"] == pytest.approx(14.724042)
+    assert vgg["within_tolerance"] is True and vgg["error"] is None
+    assert sc_mobile["measured_params"] == 3_381_052 and sc_mobile["builder"] == "mobilenet_v2"
+    assert shuffle["measured_params"] == 2_278_604 and shuffle["measured_macs"] == 144_907_992
+    for bad in (missing, badkey):
+        assert bad["measured_params_M"] is None and bad["measured_macs_G"] is None
+        assert bad["error"] and bad["within_tolerance"] is False
+    assert "unknown model" in missing["error"] and "zz" in badkey["error"]
+    md = out_md.read_text()
+    assert md.startswith("| # | paper") and "ERROR" in md and "2/5 rows" in md
+    assert "2/5 rows" in capsys.readouterr().out
+
+
+def test_cli_tables_and_profile(tmp_path, capsys):
+    targets = tmp_path / "t.csv"
+    targets.write_text(CSV)
+    assert cli.main(["tables", "--targets", str(targets), "--rows", "1",
+                     "--json", str(tmp_path / "o.json")]) == 0
+    assert len(json.loads((tmp_path / "o.json").read_text())) == 1
+    assert cli.main(["profile", "vgg16", "--input", "32", "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert "313,201,664" in out and "features.0" in out
+    assert cli.main(["profile", "mobilenet_v2", "--conv", "slimconv", "--compression-ratio",
+                     "8/3", "--se-reduction", "24", "--se-min-channels", "6", "--input", "224",
+                     "--elementwise", "--json", str(tmp_path / "p.json")]) == 0
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["params"] == 3_381_052 and data["elementwise"] > 0
