@@ -239,3 +239,47 @@ def test_create_model_forwards_conv_hparams_and_in_channels():
     assert model(torch.randn(1, 1, 28, 28)).shape == (1, 7)  # Fashion-MNIST sized input
     with pytest.raises(ValueError, match="does not take"):
         create_model("resnet20", conv="vanilla", split_ratio=0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pinned module rows (complexity.csv): exact counts of our builds, paper value in the comment
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size", "params", "macs"),
+    [
+        # SPConv Tab. 2, alpha 1/2: 18.34M (official code 18,345,448 = ours + its 3,776 redundant
+        # 1x1 biases) / 2.97G (their counter adds ~0.06G of non-conv ops, as for the baseline)
+        ("resnet50", {"conv": "spconv", "split_ratio": 0.5}, 224, 18_341_672, 2_907_439_104),
+        # SlimConv Tab. 1, k=4/3: 16.76M / 2.65G (README; Tab. 1 prints 2.69G)
+        ("resnet50", {"conv": "slimconv", "compression_ratio": "4/3"}, 224, 16_758_740,
+         2_652_222_208),
+        # SlimConv README Sc-ResNeXt-101 32x3d, k=2: 23.70M / 4.58G
+        ("resnext101_32x3d", {"conv": "slimconv", "compression_ratio": 2}, 224, 23_698_976,
+         4_580_553_984),
+        # SPConv Tab. 1 ResNet-20 alpha 1/2: 0.10M (both 3x3s of every basic block)
+        ("resnet20", {"conv": "spconv", "split_ratio": 0.5}, 32, 104_410, None),
+        # SCConv Tab. 2: WRN-28-10 21.12M / 3.75G and R56 0.52M, the second 3x3 of each block
+        ("wrn28_10", {"conv": "scconv", "split_ratio": 0.5}, 32, 21_042_250, 3_709_786_368),
+        ("resnet56", {"conv": "scconv", "split_ratio": 0.5}, 32, 510_026, None),
+        # SCConv Tab. 2 "SlimConv-R56 (k=1)": 0.60M (second 3x3, host BN dropped)
+        ("resnet56", {"conv": "slimconv", "compression_ratio": 1}, 32, 595_310, None),
+        # SCConv Tab. 3 Ghost-R50 (s=2): 13.95M / 2.15G (every conv but the stem)
+        ("resnet50", {"conv": "ghost"}, 224, 13_953_512, 2_151_023_360),
+    ],
+)
+def test_pinned_module_counts(name, kwargs, size, params, macs):
+    conv = kwargs["conv"]
+    model = _build_or_skip(lambda: _meta(name, num_classes=1000 if size == 224 else 10,
+                                         **kwargs), conv)
+    assert _params(model) == params
+    if macs is not None:
+        assert _macs(model, size) == macs
+
+
+def test_table_placement_for_competitors_in_scconv_table2():
+    from leanconv.models.placement import TABLE_PLACEMENTS
+
+    placement = TABLE_PLACEMENTS[("SCConv", "spconv")]
+    model = _build_or_skip(lambda: _meta("resnet56", conv="spconv", split_ratio=0.5,
+                                         placement=placement), "spconv")
+    assert _params(model) == 581_594  # paper: 0.58M

@@ -19,9 +19,9 @@ Defaults (``placement=None`` or ``"paper"``) follow each paper's own build:
 conv       stem  block k x k               strided 1x1       downsample host BN
 ========== ===== ========================= ======= ========= ========== =======
 slimconv   no    bottleneck conv2; basic:  yes     no        no         removed
-                 conv1 only
+                 conv2 if k=1, else conv1
 spconv     no    all (basic: both)         yes     no        no         kept
-sru/cru/   no    all (basic: both)         yes     no        no         kept
+sru/cru/   no    all (basic: the second)   yes     no        no         kept
 scconv
 compconv   no    all (basic: both)         yes     yes       yes        kept
 ghost      no    all (basic: both)         yes     yes       yes        kept
@@ -39,7 +39,14 @@ from torch import nn
 from ..layers import conv_class, conv_out_channels, create_conv
 from ..layers._utils import check_choice
 
-__all__ = ["PAPER_PLACEMENTS", "Placement", "place_conv", "place_norm", "resolve_placement"]
+__all__ = [
+    "PAPER_PLACEMENTS",
+    "TABLE_PLACEMENTS",
+    "Placement",
+    "place_conv",
+    "place_norm",
+    "resolve_placement",
+]
 
 _ROLES = ("stem", "kxk", "basic1", "basic2", "pointwise", "downsample")
 
@@ -113,9 +120,11 @@ PAPER_PLACEMENTS: dict[str, Placement] = {
     "spconv": Placement(),
     # SCConv Sec. 3.3-3.4: "only the bottleneck 3x3 convolutions" replaced, strided included
     # (the -34% of Table 3 needs them); GN is the module's only norm, so the host BN stays.
-    "sru": Placement(),
-    "cru": Placement(),
-    "scconv": Placement(),
+    # Basic blocks (Tab. 2 R56, WRN-28): one 3x3 per block, the second: SCConv-WRN28 21.04M /
+    # 3.71G (paper 21.12M / 3.75G), SCConv-R56 0.510M (0.52M); both convs would give 7.6M / 0.18M.
+    "sru": Placement(basic="second"),
+    "cru": Placement(basic="second"),
+    "scconv": Placement(basic="second"),
     # CompConv Sec. 4.3: "replacing regular convolutions with CompConv except for the Conv1 before
     # the first MaxPooling" / Tab. 7 "We replace all convolutions in both basic block and
     # bottleneck": 1x1s and projections included.
@@ -123,6 +132,16 @@ PAPER_PLACEMENTS: dict[str, Placement] = {
     # GhostNet's ghost_resnet.py: the drop-in Ghost conv is every conv of the bottleneck, 1x1s and
     # downsample included; only the stem stays vanilla.
     "ghost": Placement(pointwise=True, downsample=True),
+}
+
+#: Overrides a paper's *table* applied to another paper's module: SCConv Tab. 2 built its
+#: competitors in CIFAR basic blocks the way it built SCConv (the second 3x3 of each block):
+#: SPConv-R56 0.582M / 85.1M (paper 0.58M / 87.95M), SPConv-WRN28 24.14M / 4.14G (24.20M /
+#: 4.16G); SPConv's own placement (both convs) gives 0.32M / 13.4M there. Ghost and SlimConv rows
+#: of that table already match with their own placements. Keys: (paper, conv) as in
+#: complexity.csv; values: dicts for ``placement=``.
+TABLE_PLACEMENTS: dict[tuple[str, str], dict] = {
+    ("SCConv", "spconv"): {"basic": "second"},
 }
 
 _PRESETS = {

@@ -326,7 +326,13 @@ def resnext101_32x4d(**kwargs) -> ResNet:
 def resnext101_32x3d(**kwargs) -> ResNet:
     """ResNeXt-101 32x3d as built by SlimConv's official ``resnext101_32x3d``: stage depths
     [4, 8, 18, 3] (not [3, 4, 23, 3]; 33 bottlenecks all the same) and width 3 per group
-    (SlimConv Tab. 1 "Sc-ResNeXt-101", k=2; reference notes §1.3)."""
+    (SlimConv Tab. 1 "Sc-ResNeXt-101", k=2; reference notes §1.3).
+
+    With ``conv="slimconv"`` the bottom k x k conv of the module defaults to
+    ``bottom_groups=16`` (half the cardinality): its width ``96/6 = 16`` cannot take 32 groups,
+    and 16 is what reproduces the README's 23.70M."""
+    if kwargs.get("conv") == "slimconv":
+        kwargs.setdefault("bottom_groups", 16)
     return _resnet(Bottleneck, [4, 8, 18, 3], groups=32, width_per_group=3, **kwargs)
 
 
