@@ -220,7 +220,7 @@ def test_bench_convs_prepared_path_reports_diff():
     assert report.results[0].max_abs_diff is not None
     assert report.results[0].max_abs_diff < 1e-4
     assert 0 <= report.results[0].max_rel_diff < 1e-4
-    assert "max |diff|" in format_table(report)
+    assert "max abs diff (rel.)" in format_table(report)
     with pytest.raises(ValueError, match="inference_path"):
         bench_convs(_builder, ["vanilla"], (3, 8, 8), inference_path="onnx")
 

@@ -640,7 +640,7 @@ def format_table(report: BenchReport) -> str:
         cols += [f"train img/s b{report.settings['train_batch']}", "train ratio",
                  "bwd memory", "memory ratio"]
     if report.settings["inference_path"] != "eager":
-        cols.append("max |diff| (rel.)")
+        cols.append("max abs diff (rel.)")
     lines = header_lines(report)
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "|".join("---" for _ in cols) + "|")
