@@ -45,6 +45,7 @@ import torch
 from .layers import conv_hparams
 from .layers._utils import as_fraction
 from .models import available_models, create_model
+from .models import placement as _placement
 from .models.registry import _MODELS
 from .profile import profile
 
@@ -84,6 +85,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "no-P3": {"fusion": "sum"},
 }
 MODEL_KEYS = ("stages",)
+# (paper, conv) -> placement the paper used for another paper's module (models/placement.py)
+_TABLE_PLACEMENTS: dict = getattr(_placement, "TABLE_PLACEMENTS", {})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +288,10 @@ def evaluate_row(row: dict[str, str], index: int = 0) -> RowResult:
     try:
         conv = row.get("conv") or "vanilla"
         conv_kwargs, model_kwargs = parse_hparams(row.get("hparams", ""), conv)
+        # A paper that built a competitor its own way: placement override (docs/placement.md).
+        override = _TABLE_PLACEMENTS.get((row.get("paper", ""), conv))
+        if override is not None:
+            model_kwargs["placement"] = dict(override)
         classes = row.get("classes")
         in_channels = row.get("in_channels")
         _, (h, w) = parse_input(row["input"])
