@@ -152,8 +152,14 @@ def test_changed_config_recomputes_only_what_changed(study, tmp_path, monkeypatc
     # a second seed: seed 0 entries and the speed entry are reused, seed 1 trains
     config = resolve_compare_config("tiny", convs=CONVS, data="synthetic", batches=BATCHES,
                                     seeds=2, out=str(out))
-    results = run_compare(config, trainer=fake_train)
+    log = []
+    results = run_compare(config, trainer=fake_train, progress=log.append)
     assert [(c, s) for c, s, _, _ in calls] == [("vanilla", 1), ("ghost", 1)]
+    # progress names the stage, the conv, the seed and the study's ETA
+    starts = [m for m in log if m.startswith("[train ")]
+    assert starts[0].startswith("[train 1/2] vanilla seed 1") and "study ETA" in starts[0]
+    assert starts[1].startswith("[train 2/2] ghost seed 1")
+    assert any("reusing 2 finished run(s)" in m for m in log)
     assert measured == []
     ghost = results["rows"][1]
     assert ghost["seeds"] == [0, 1] and ghost["top1_runs"][1] == 0.25
@@ -209,7 +215,7 @@ def test_failing_conv_does_not_sink_the_study(tmp_path, monkeypatch):
     results = run_compare(config, trainer=train)
     assert results["rows"][0]["top1_mean"] == 0.5 and results["rows"][0]["error"] is None
     assert results["rows"][1]["top1_mean"] is None and "boom" in results["rows"][1]["error"]
-    assert "ghost: ValueError: boom" in (tmp_path / "results.md").read_text()
+    assert "ghost: seed 0: ValueError: boom" in (tmp_path / "results.md").read_text()
     assert not (tmp_path / "entries" / "train-ghost-seed0.json").exists()  # retried next time
 
 

@@ -463,9 +463,7 @@ def run_compare(
     calib_actual, calib_pred = 0.0, 0.0
     for i, (conv, seed) in enumerate(todo):
         tc, tkey = plans[conv, seed]
-        if conv in errors:
-            continue
-        remaining = [predicted(cv) for cv, _ in todo[i:] if cv not in errors]
+        remaining = [predicted(cv) for cv, _ in todo[i:]]
         factor = calib_actual / calib_pred if calib_pred else 1.0
         eta = None if any(p is None for p in remaining) else factor * sum(remaining)
         say(f"[train {i + 1}/{len(todo)}] {conv} seed {seed}: {tc.epochs} epoch(s)"
@@ -480,8 +478,9 @@ def run_compare(
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one conv that fails must not sink the study
-            errors[conv] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            say(f"  {conv} seed {seed} failed: {errors[conv]}")
+            message = f"seed {seed}: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+            errors.setdefault(conv, message)
+            say(f"  {conv} {message}")
             continue
         seconds = time.perf_counter() - t0
         entry = {"key": tkey, "conv": conv, "seed": seed,
