@@ -312,3 +312,19 @@ def test_speed_bars_from_given_numbers():
     # A module that was not measured is reported as such, not as a failure.
     missing = speed.evaluate_bars({"cifar-train": data["cifar-train"]}, ["eager"])
     assert {v["conv"]: v["inference"] for v in missing} == {"spconv": None, "ghost": None}
+
+
+def test_layers_script_quick(capsys):
+    layers = _load_script("layers")
+    args = layers.build_parser().parse_args(
+        ["--quick", "--convs", "vanilla,ghost", "--batch", "1", "--min-run-time", "0.005"])
+    table = layers.run(args)
+    assert [(r["shape"], r["conv"]) for r in table] == [
+        ("16@14", "vanilla"), ("16@14", "ghost"), ("32@7", "vanilla"), ("32@7", "ghost")]
+    # Vanilla unit = 3x3 conv (C*C*9) + BN (2C) parameters; MACs = C*C*9*H*W.
+    assert table[0]["params"] == 16 * 16 * 9 + 2 * 16
+    assert table[0]["macs"] == 16 * 16 * 9 * 14 * 14
+    assert table[0]["latency"][1]["ratio"] == 1.0
+    assert table[1]["latency"][1]["ratio"] is not None
+    out = capsys.readouterr().out
+    assert "conv + host BN" in out and "| 32@7 | ghost |" in out

@@ -445,7 +445,10 @@ def _prepare(model: nn.Module, path: str, sample: torch.Tensor):
         return model.eval(), None, None
     from .inference import max_abs_diff, prepare_for_inference
 
-    prepared = prepare_for_inference(model, compile=path == "compiled")
+    # Static shapes: a dynamic-shape graph (what torch.compile switches to when it sees a second
+    # batch size) would be timed instead of the specialised one.
+    prepared = prepare_for_inference(model, compile={"dynamic": False} if path == "compiled"
+                                     else False)
     return (prepared, max_abs_diff(model, prepared, sample),
             max_abs_diff(model, prepared, sample, relative=True))
 
@@ -500,7 +503,8 @@ def bench_convs(
             results[c].params, results[c].macs = complexity(model, (1, *input_shape))
             infer[c], results[c].max_abs_diff, results[c].max_rel_diff = _prepare(
                 model, inference_path, sample)
-            models[c] = model
+            if train:  # the training-form model is only kept when it will be trained
+                models[c] = model
         except Exception as exc:  # a module still being written must not sink the whole table
             results[c].error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             say(f"{c}: skipped ({results[c].error})")
