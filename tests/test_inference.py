@@ -261,3 +261,19 @@ def test_every_conv_module_prepared_equals_training_form(name):
     prepared = prepare_for_inference(model)
     assert max_abs_diff(model, prepared, x) < TOL
     assert n_bn(prepared) <= n_bn(model) - 1  # at least the stem's BN folded
+
+
+@pytest.mark.parametrize("name", available_convs())
+def test_zoo_resnet20_prepared_equals_training_form(name):
+    if "resnet20" not in leanconv.available_models():
+        pytest.skip("model zoo not registered yet")
+    try:
+        model = leanconv.create_model("resnet20", conv=name, num_classes=10)
+    except (NotImplementedError, ValueError) as exc:
+        pytest.skip(f"resnet20 with {name} cannot be built yet: {exc}")
+    randomize_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    prepared = prepare_for_inference(model)
+    assert max_abs_diff(model, prepared, x, relative=True) < 1e-5
+    if name == "vanilla":
+        assert n_bn(model) > 0 and n_bn(prepared) == 0  # every BN of a plain ResNet folds
