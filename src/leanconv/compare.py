@@ -519,6 +519,7 @@ def run_compare(
             "train_ratio": s.get("train_ratio"),
             "backward_bytes": s.get("backward_bytes"),
             "memory_ratio": s.get("memory_ratio"),
+            "peak_bytes": s.get("peak_bytes"),  # accelerator peak allocation (None on CPU)
             "top1_mean": statistics.fmean(top1) if top1 else None,
             "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
             "top1_runs": top1,
@@ -570,10 +571,12 @@ def env_load():
 # ----------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------
+# Keys of every results.json row, plus latency_b{B}_ms, latency_b{B}_iqr_ms and
+# latency_b{B}_ratio for each latency batch size B.
 JSON_COLUMNS = ("conv", "hparams", "params", "macs", "params_ratio", "mac_reduction",
                 "train_images_per_s", "train_ratio", "backward_bytes", "memory_ratio",
-                "top1_mean", "top1_std", "top1_runs", "seeds", "epochs", "train_time_s",
-                "error")  # plus latency_b{B}_ms, latency_b{B}_iqr_ms, latency_b{B}_ratio per batch
+                "peak_bytes", "top1_mean", "top1_std", "top1_runs", "seeds", "epochs",
+                "train_time_s", "error")
 
 
 def md_columns(batches: Sequence[int]) -> list[str]:
