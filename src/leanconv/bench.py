@@ -488,6 +488,7 @@ def bench_convs(
     if train and not (train_batch or batches):
         raise ValueError("training needs train_batch when no latency batches are given")
     device = torch.device(device)
+    env = environment(threads, device)  # load average before the run starts
     say = progress or (lambda msg: _logger.info(msg))
     convs = list(convs)
     if baseline not in convs:
@@ -563,7 +564,7 @@ def bench_convs(
         "rounds": rounds, "min_run_time": min_run_time, "method": method,
         "train_steps": train_steps, "train_warmup": train_warmup,
     }
-    return BenchReport(title, environment(threads, device), settings,
+    return BenchReport(title, env, settings,
                        [results[c] for c in convs], baseline)
 
 
