@@ -258,6 +258,13 @@ def test_cli_bench(monkeypatch, tmp_path, capsys):
     assert data["settings"]["batches"] == [1, 2] and data["settings"]["input_shape"] == [3, 8, 8]
 
 
+def test_bench_model_unknown_name():
+    from leanconv.bench import bench_model
+
+    with pytest.raises(ValueError, match="unknown model 'nonet'"):
+        bench_model("nonet", ["vanilla"])
+
+
 def test_cli_bench_rejects_bad_batch():
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "x", "--batch", "0"])

@@ -581,8 +581,11 @@ def bench_model(
 
     ``hparams`` maps a conv name to its constructor hyperparameters.
     """
-    from .models import create_model
+    from .models import available_models, create_model
 
+    if model_name not in available_models():
+        raise ValueError(f"unknown model {model_name!r}; available models: "
+                         f"{', '.join(available_models())}")
     hparams = hparams or {}
 
     def build(conv: str) -> nn.Module:
