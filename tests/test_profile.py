@@ -127,3 +127,27 @@ def test_reexport_and_resnet101_speed():
     report = leanconv.profile(model, 224)
     assert time.perf_counter() - start < 10
     assert report.params == 44_549_160 and report.macs == 7_801_405_440  # torchvision's counts
+
+
+def test_counting_conventions_on_toy():
+    """counter=: conv+linear MACs plus one documented rule; ``macs`` itself never changes."""
+    model = _toy()
+    bn_out = 8 * 8 * 8  # BatchNorm2d(8) on 8x8
+    pool_in = 16 * 4 * 4  # AdaptiveAvgPool2d reads conv2's output
+    bias_out = 16 * 4 * 4 + 10  # conv2 (bias=True) output + linear output; conv1 has no bias
+    expected = {
+        "macs": TOY_MACS,
+        "macs+bn": TOY_MACS + 2 * bn_out,
+        "macs+bn4+pool+bias": TOY_MACS + 4 * bn_out + pool_in + bias_out,
+    }
+    for counter, total in expected.items():
+        for device in ("meta", "cpu"):
+            report = profile(model, (1, 3, 8, 8), counter=counter, device=device)
+            assert report.macs == TOY_MACS and report.counter == counter
+            assert report.counted_macs == total, (counter, device)
+    report = profile(model, (1, 3, 8, 8), counter="macs+bn4+pool+bias")
+    assert report.counter_ops == {"bn": 4 * bn_out, "pool": pool_in, "bias": bias_out}
+    assert report.elementwise is None and "counted under" in report.table()
+    assert profile(model, (2, 3, 8, 8), counter="macs+bn").counted_macs == 2 * expected["macs+bn"]
+    with pytest.raises(ValueError, match="counter"):
+        profile(model, 8, counter="flops")

@@ -59,14 +59,20 @@ def test_tables_json_and_markdown(tmp_path, capsys):
     assert vgg["measured_params_M"] == pytest.approx(14.724042)
     assert vgg["within_tolerance"] is True and vgg["error"] is None
     assert sc_mobile["measured_params"] == 3_381_052 and sc_mobile["builder"] == "mobilenet_v2"
-    assert shuffle["measured_params"] == 2_278_604 and shuffle["measured_macs"] == 144_907_992
+    assert shuffle["measured_params"] == 2_278_604
+    # SlimConv's counting convention: conv + linear + 2 per BatchNorm output element
+    assert shuffle["counter"] == "macs+bn" and vgg["counter"] == "macs"
+    assert shuffle["measured_macs_convlinear"] == 144_907_992
+    assert shuffle["measured_macs"] == 144_907_992 + 2 * 1_950_200
+    assert vgg["measured_macs_convlinear"] == vgg["measured_macs"]
     for bad in (missing, badkey):
         assert bad["measured_params_M"] is None and bad["measured_macs_G"] is None
         assert bad["error"] and bad["within_tolerance"] is False
     assert "unknown model" in missing["error"] and "zz" in badkey["error"]
     md = out_md.read_text()
-    assert md.startswith("| # | paper") and "ERROR" in md and "2/5 rows" in md
-    assert "2/5 rows" in capsys.readouterr().out
+    assert md.startswith("| # | paper") and "ERROR" in md and "3/5 rows" in md
+    assert "conv+lin MACs G" in md and "2/5 with plain conv+linear MACs" in md
+    assert "3/5 rows" in capsys.readouterr().out
 
 
 def test_cli_tables_and_profile(tmp_path, capsys):

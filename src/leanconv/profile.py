@@ -18,6 +18,15 @@ What is counted:
   normalisation, activation, elementwise arithmetic, softmax and upsampling op; one op per
   *input* element of pooling and reductions (mean, sum, adaptive/avg/max pool), since those read
   every input once. Reported separately, never added to ``macs``.
+* ``counted_macs`` under a counting convention ``counter=`` (:data:`COUNTERS`): the papers' FLOPs
+  counters do not all stop at conv + linear. ``"macs"`` (the default) is ``macs`` itself;
+  ``"macs+bn"`` adds 2 ops per BatchNorm output element (scale and shift of a folded BN);
+  ``"macs+bn4+pool+bias"`` adds 4 ops per BatchNorm output element, 1 per *input* element of
+  every pooling op (max / average / adaptive pooling and ``mean``, which is how global average
+  pooling runs) and 1 per output element of a conv or linear layer that has a bias. Each
+  convention is one rule applied to the whole model; the evidence that a paper used it is in
+  docs/reproduction.md. ``macs`` is never changed by ``counter``; ``counter_ops`` gives the
+  added ops per component.
 
 The model runs once, in eval mode, on the meta device by default: parameters and buffers are
 replaced by meta tensors through :func:`torch.func.functional_call`, so nothing is allocated or
@@ -36,7 +45,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["LayerProfile", "ProfileReport", "profile"]
+__all__ = ["COUNTERS", "LayerProfile", "ProfileReport", "profile"]
 
 aten = torch.ops.aten
 
@@ -95,6 +104,50 @@ _ELEMENTWISE_MAPPING = {
     **{op: _per_input for op in _PER_INPUT_OPS},
 }
 
+# ----------------------------------------------------------------------------------------------
+# Counting conventions: name -> {component: ops per counted element}; see the module docstring.
+# ----------------------------------------------------------------------------------------------
+_BN_OPS = frozenset(_packets(
+    "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit_functional"))
+_POOL_OPS = frozenset(_packets(
+    "mean", "avg_pool2d", "_adaptive_avg_pool2d", "adaptive_avg_pool2d", "max_pool2d",
+    "max_pool2d_with_indices", "adaptive_max_pool2d"))
+
+#: Counting conventions for ``profile(..., counter=NAME)``: component -> ops per element.
+#: ``bn``: per BatchNorm output element; ``pool``: per pooling input element; ``bias``: per
+#: output element of a conv / linear with a bias.
+COUNTERS: dict[str, dict[str, int]] = {
+    "macs": {},
+    "macs+bn": {"bn": 2},
+    "macs+bn4+pool+bias": {"bn": 4, "pool": 1, "bias": 1},
+}
+
+
+def _check_counter(counter: str) -> dict[str, int]:
+    if counter not in COUNTERS:
+        raise ValueError(f"counter={counter!r} is not a counting convention; "
+                         f"allowed: {', '.join(COUNTERS)}")
+    return COUNTERS[counter]
+
+
+def _bias_mapping(record: list) -> dict:
+    """conv / addmm formulas that count as usual and record bias adds (1 per output element)."""
+    registry = torch.utils.flop_counter.flop_registry
+    raw_conv = registry[aten.convolution].__wrapped__
+    raw_addmm = registry[aten.addmm].__wrapped__
+
+    def conv(x_shape, w_shape, bias, *args, out_shape=None, **kwargs):
+        if bias is not None:
+            record.append(_numel(out_shape))
+        return raw_conv(x_shape, w_shape, bias, *args, out_shape=out_shape, **kwargs)
+
+    def addmm(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs):
+        record.append(_numel(out_shape))  # addmm = bias + mat1 @ mat2
+        return raw_addmm(self_shape, a_shape, b_shape, *args, out_shape=out_shape, **kwargs)
+
+    return {aten.convolution: conv, aten._convolution: conv, aten.addmm: addmm}
+
 
 # ----------------------------------------------------------------------------------------------
 # Report
@@ -118,7 +171,11 @@ class LayerProfile:
 
 @dataclass
 class ProfileReport:
-    """Result of :func:`profile`: ``params``, ``macs`` (= paper FLOPs) and ``layers``."""
+    """Result of :func:`profile`: ``params``, ``macs`` (= paper FLOPs) and ``layers``.
+
+    ``counted_macs`` is ``macs`` plus the ops the ``counter`` convention adds (``counter_ops``,
+    per component); with the default ``counter="macs"`` it equals ``macs``.
+    """
 
     params: int
     macs: int
@@ -127,6 +184,9 @@ class ProfileReport:
     output_shape: tuple[int, ...] | None = None
     elementwise: int | None = None
     layers: list[LayerProfile] = field(default_factory=list)
+    counter: str = "macs"
+    counted_macs: int | None = None
+    counter_ops: dict[str, int] = field(default_factory=dict)
 
     @property
     def flops(self) -> int:
@@ -147,6 +207,8 @@ class ProfileReport:
                 f"MACs {self.macs:,} ({self.macs / 1e9:.4f} G)   input {tuple(self.input_size)}")
         if self.elementwise is not None:
             text += f"   elementwise ops {self.elementwise:,}"
+        if self.counter != "macs":
+            text += f"   counted ({self.counter}) {self.counted_macs:,}"
         return text
 
     def table(self, layers: bool = True, max_name: int = 48) -> str:
@@ -182,6 +244,10 @@ class ProfileReport:
         lines.append(fmt(total))
         lines.append(f"params {self.params / 1e6:.3f} M, MACs {self.macs / 1e9:.4f} G "
                      "(MACs = multiply-accumulates of conv + linear = the papers' FLOPs)")
+        if self.counter != "macs":
+            added = ", ".join(f"{k} {v:,}" for k, v in self.counter_ops.items())
+            lines.append(f"counted under {self.counter!r}: {self.counted_macs / 1e9:.4f} G "
+                         f"(conv + linear MACs + {added or 'nothing'})")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -256,6 +322,7 @@ def profile(
     input_size: int | Sequence[int],
     *,
     count_elementwise: bool = False,
+    counter: str = "macs",
     device: str | torch.device | None = "meta",
 ) -> ProfileReport:
     """Count parameters and MACs of ``model`` for one input of ``input_size``.
@@ -267,6 +334,9 @@ def profile(
             first conv. MACs are for the whole batch ``N``.
         count_elementwise: also count norm / activation / elementwise / pooling / softmax ops
             (see the module docstring), reported as ``report.elementwise``.
+        counter: counting convention for ``report.counted_macs`` (a name of :data:`COUNTERS`):
+            ``"macs"`` (conv + linear only, default), ``"macs+bn"``, ``"macs+bn4+pool+bias"``.
+            ``report.macs`` is conv + linear under every convention.
         device: ``"meta"`` (default) runs without allocating memory or computing anything;
             any other device runs a real forward with the model where it is and a random input
             on ``device`` (``None``: the device of the model's first parameter).
@@ -282,7 +352,10 @@ def profile(
     size = _resolve_input_size(model, input_size)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    mapping = _ELEMENTWISE_MAPPING if count_elementwise else {}
+    rule = _check_counter(counter)
+    elementwise_mapping = _ELEMENTWISE_MAPPING if (count_elementwise or rule) else {}
+    bias_record: list[int] = []
+    mapping = {**elementwise_mapping, **(_bias_mapping(bias_record) if "bias" in rule else {})}
 
     was_training = {m: m.training for m in model.modules()}
     model.eval()
@@ -307,6 +380,7 @@ def profile(
                 # count with one real forward where the model lives instead (same counts).
                 first = next(iter(model.parameters()), None)
                 x = torch.randn(size, device=first.device if first is not None else "cpu")
+                bias_record.clear()
                 out, shapes, counts = _run(model, x, None, mapping)
         else:
             if device is None:
@@ -318,7 +392,7 @@ def profile(
         for m, mode in was_training.items():
             m.train(mode)
 
-    mac_ops = set(counts.get("Global", {})) - set(mapping)
+    mac_ops = set(counts.get("Global", {})) - set(elementwise_mapping)
 
     def split(op_counts: dict) -> tuple[int, int]:
         flops = sum(v for k, v in op_counts.items() if k in mac_ops)
@@ -331,6 +405,14 @@ def profile(
         key = root_name + ("." + name if name else "")
         inclusive[name] = split(counts.get(key, {}))
     total_macs, total_ew = split(counts.get("Global", {}))
+
+    glob = counts.get("Global", {})
+    component_counts = {
+        "bn": sum(v for k, v in glob.items() if k in _BN_OPS),
+        "pool": sum(v for k, v in glob.items() if k in _POOL_OPS),
+        "bias": sum(bias_record),
+    }
+    counter_ops = {name: per * component_counts[name] for name, per in rule.items()}
 
     layers = []
     for name, module in model.named_modules():
@@ -352,4 +434,6 @@ def profile(
         params=params, macs=total_macs, trainable_params=trainable, input_size=size,
         output_shape=tuple(out_t.shape) if out_t is not None else None,
         elementwise=total_ew if count_elementwise else None, layers=layers,
+        counter=counter, counted_macs=total_macs + sum(counter_ops.values()),
+        counter_ops=counter_ops,
     )

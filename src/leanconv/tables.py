@@ -28,6 +28,11 @@ stages   model argument: replace convs only in these stages (``stages=3,4``)
 ``input`` is ``"<dataset> <H>x<W>"``: ``imagenet`` builds the model with ``stem="imagenet"``, any
 other dataset (``cifar``, ``mnist``) with ``stem="cifar"`` (3x3 stride-1 stem, no max pool), see
 :func:`build_model`.
+
+MACs are counted under the row's paper's counting convention (:data:`PAPER_COUNTERS`, one
+convention per paper, names from :data:`leanconv.profile.COUNTERS`; papers not listed: ``"macs"``),
+and the plain conv + linear MACs are reported next to them. The evidence for each paper's
+convention is in docs/reproduction.md.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from .profile import profile
 
 __all__ = [
     "HPARAM_KEYS",
+    "PAPER_COUNTERS",
     "RowResult",
     "build_model",
     "evaluate_rows",
@@ -65,6 +71,25 @@ __all__ = [
 
 PARAMS_TOL = 0.03
 MACS_TOL = 0.05
+
+#: paper -> FLOPs counting convention of its tables (leanconv.profile.COUNTERS), one rule for all
+#: of a paper's rows, each derived from rows it reproduces exactly (docs/reproduction.md):
+#: SlimConv / SCConv: conv + linear + 2 per BatchNorm output element (SlimConv CIFAR-100
+#: MobileNetV2 94.72M and ResNet-50 1.305G / 0.836G exact; SCConv ResNet-56 126.84M exact,
+#: DenseNet-121 898.06M vs 898.23M). SPConv: + 4 per BN element, 1 per pooling input element,
+#: 1 per biased conv/linear output (ResNet-20 41.62M and all five SPConv-ResNet-20 rows within
+#: 0.1%). CompConv: conv + linear only (VGG-16 rows within 1.6%; nothing better supported).
+PAPER_COUNTERS: dict[str, str] = {
+    "SPConv": "macs+bn4+pool+bias",
+    "SlimConv": "macs+bn",
+    "SCConv": "macs+bn",
+    "CompConv": "macs",
+}
+
+
+def paper_counter(paper: str) -> str:
+    """The counting convention of ``paper``'s tables (``"macs"`` for a paper not listed)."""
+    return PAPER_COUNTERS.get(paper, "macs")
 
 # key -> {conv name or "*": candidate constructor argument names, first that exists wins}
 HPARAM_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -208,7 +233,9 @@ class RowResult:
     index: int
     builder: str | None = None
     params: int | None = None
-    macs: int | None = None
+    macs: int | None = None  # under ``counter``: the number compared with the paper
+    macs_convlinear: int | None = None  # plain conv + linear MACs
+    counter: str = "macs"
     error: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -241,6 +268,10 @@ class RowResult:
         return (measured - paper) / paper
 
     @property
+    def macs_convlinear_g(self) -> float | None:
+        return None if self.macs_convlinear is None else self.macs_convlinear / 1e9
+
+    @property
     def params_diff(self) -> float | None:
         return self._rel(self.params_m, self.paper_params_m)
 
@@ -254,6 +285,14 @@ class RowResult:
         return (dp is not None and dm is not None
                 and abs(dp) <= PARAMS_TOL + 1e-12 and abs(dm) <= MACS_TOL + 1e-12)
 
+    @property
+    def ok_convlinear(self) -> bool:
+        """``ok`` with the plain conv + linear MACs instead of the paper's convention."""
+        dp = self.params_diff
+        dm = self._rel(self.macs_convlinear_g, self.paper_macs_g)
+        return (dp is not None and dm is not None
+                and abs(dp) <= PARAMS_TOL + 1e-12 and abs(dm) <= MACS_TOL + 1e-12)
+
     def to_dict(self) -> dict:
         out = dict(self.row)
         out.update(
@@ -261,6 +300,10 @@ class RowResult:
             measured_macs_G=None if self.macs is None else round(self.macs_g, 6),
             measured_params=self.params,
             measured_macs=self.macs,
+            counter=self.counter,
+            measured_macs_convlinear_G=(None if self.macs_convlinear is None
+                                        else round(self.macs_convlinear_g, 6)),
+            measured_macs_convlinear=self.macs_convlinear,
             params_rel_diff=None if self.params_diff is None else round(self.params_diff, 5),
             macs_rel_diff=None if self.macs_diff is None else round(self.macs_diff, 5),
             within_tolerance=self.ok,
@@ -282,9 +325,13 @@ def read_targets(path: str) -> list[dict[str, str]]:
     return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in rows]
 
 
-def evaluate_row(row: dict[str, str], index: int = 0) -> RowResult:
-    """Build and profile one row; any failure is recorded in ``error`` rather than raised."""
-    result = RowResult(row=row, index=index)
+def evaluate_row(row: dict[str, str], index: int = 0, counter: str | None = None) -> RowResult:
+    """Build and profile one row; any failure is recorded in ``error`` rather than raised.
+
+    MACs are counted under ``counter`` (default: the paper's convention, :func:`paper_counter`).
+    """
+    result = RowResult(row=row, index=index,
+                       counter=counter or paper_counter(row.get("paper", "")))
     try:
         conv = row.get("conv") or "vanilla"
         conv_kwargs, model_kwargs = parse_hparams(row.get("hparams", ""), conv)
@@ -301,15 +348,17 @@ def evaluate_row(row: dict[str, str], index: int = 0) -> RowResult:
             in_channels=int(in_channels) if in_channels else None,
             **model_kwargs, **conv_kwargs,
         )
-        report = profile(model, (1, int(in_channels) if in_channels else 3, h, w))
-        result.params, result.macs = report.params, report.macs
+        report = profile(model, (1, int(in_channels) if in_channels else 3, h, w),
+                         counter=result.counter)
+        result.params, result.macs = report.params, report.counted_macs
+        result.macs_convlinear = report.macs
     except Exception as exc:  # one bad row must not stop the table
         result.error = f"{type(exc).__name__}: {exc}"
     return result
 
 
-def evaluate_rows(rows: Iterable[dict[str, str]]) -> list[RowResult]:
-    return [evaluate_row(row, i + 1) for i, row in enumerate(rows)]
+def evaluate_rows(rows: Iterable[dict[str, str]], counter: str | None = None) -> list[RowResult]:
+    return [evaluate_row(row, i + 1, counter) for i, row in enumerate(rows)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +376,8 @@ def _pct(value: float | None) -> str:
 
 def _columns(results: Sequence[RowResult]) -> tuple[list[str], list[list[str]]]:
     head = ["#", "paper", "table", "input", "cls", "model", "conv", "hparams",
-            "params M (paper)", "params M", "Δparams", "MACs G (paper)", "MACs G", "ΔMACs", "ok"]
+            "params M (paper)", "params M", "Δparams", "MACs G (paper)", "MACs G", "ΔMACs",
+            "counter", "conv+lin MACs G", "ok"]
     rows = []
     for r in results:
         row = r.row
@@ -337,6 +387,7 @@ def _columns(results: Sequence[RowResult]) -> tuple[list[str], list[list[str]]]:
             row.get("hparams", ""),
             row.get("params_M", ""), _fmt(r.params_m, 3), _pct(r.params_diff),
             row.get("macs_G", ""), _fmt(r.macs_g, 4), _pct(r.macs_diff),
+            r.counter, _fmt(r.macs_convlinear_g, 4),
             "yes" if r.ok else ("ERROR" if r.error else "no"),
         ])
     return head, rows
@@ -347,8 +398,10 @@ def _summary(results: Sequence[RowResult]) -> str:
     n = len(results)
     errors = sum(r.error is not None for r in results)
     pct = 100 * n_ok / n if n else 0.0
+    plain = sum(r.ok_convlinear for r in results)
     return (f"{n_ok}/{n} rows ({pct:.1f}%) within ±{PARAMS_TOL:.0%} params and "
-            f"±{MACS_TOL:.0%} MACs; {errors} rows could not be built")
+            f"±{MACS_TOL:.0%} MACs (MACs under each paper's counting convention; "
+            f"{plain}/{n} with plain conv+linear MACs); {errors} rows could not be built")
 
 
 def to_text(results: Sequence[RowResult]) -> str:
@@ -386,11 +439,14 @@ def to_json(results: Sequence[RowResult]) -> str:
 
 
 def run_tables(targets: str, markdown: str | None = None, json_path: str | None = None,
-               rows: Sequence[int] | None = None) -> list[RowResult]:
-    """What ``leanconv tables`` does: evaluate, print, and write markdown / JSON."""
+               rows: Sequence[int] | None = None, counter: str | None = None) -> list[RowResult]:
+    """What ``leanconv tables`` does: evaluate, print, and write markdown / JSON.
+
+    ``counter`` forces one counting convention for every row (default: each paper's own).
+    """
     data = read_targets(targets)
     wanted = set(rows or range(1, len(data) + 1))
-    results = [evaluate_row(row, i) for i, row in enumerate(data, 1) if i in wanted]
+    results = [evaluate_row(row, i, counter) for i, row in enumerate(data, 1) if i in wanted]
     print(to_text(results))
     if markdown:
         with open(markdown, "w") as handle:
