@@ -323,8 +323,8 @@ def test_channels_last_input():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(in_channels=64, out_channels=64), r"out_channels=64 .* outputs 48 .*out_channels=48"),
-    (dict(in_channels=18), r"in_channels=18 must be divisible by 2r=4"),
-    (dict(in_channels=40, compression_ratio="16/3"), r"in_channels=40 must be divisible by 2r=16"),
+    (dict(in_channels=3), r"in_channels=3 must be at least 2r=4"),
+    (dict(in_channels=15, compression_ratio="16/3"), r"in_channels=15 must be at least 2r=16"),
     (dict(in_channels=64, compression_ratio=1.5), r"compression_ratio .* got 1.5"),
     (dict(in_channels=64, compression_ratio=0), r"compression_ratio"),
     (dict(in_channels=64, compression_ratio="abc"), r"compression_ratio .* 'abc'"),
@@ -344,8 +344,8 @@ def test_invalid_configurations_raise(kwargs, match):
 
 
 def test_natural_out_channels_validates():
-    with pytest.raises(ValueError, match="in_channels=20 must be divisible by 2r=8"):
-        SlimConv.natural_out_channels(20, compression_ratio="8/3")
+    with pytest.raises(ValueError, match="in_channels=7 must be at least 2r=8"):
+        SlimConv.natural_out_channels(7, compression_ratio="8/3")
     with pytest.raises(ValueError, match="compression_ratio"):
         conv_out_channels("slimconv", 64, None, compression_ratio=3)
 
@@ -388,3 +388,59 @@ def test_cifar_resnet56_k1_matches_scconv_table2_params():
             inp = w
     assert total == 597_326
     assert round(total / 1e6, 2) == 0.60
+
+
+# ---------------------------------------------------------------------------------------------
+# C not divisible by 2r: floored widths (official code), leftover channels folded in, not dropped
+# ---------------------------------------------------------------------------------------------
+
+def _folded_reference(conv: SlimConv, x: torch.Tensor) -> torch.Tensor:
+    """Eq. 2 with chunks of C//r: the official sum of the r full chunks plus the C mod r
+    leftover channels added to the first channels (the official code drops them)."""
+    t = conv.top_conv.in_channels
+    w = torch.sigmoid(conv.fc2(F.relu(conv.fc1_bn(conv.fc1(x.mean((2, 3), keepdim=True))))))
+
+    def fold(v):
+        full = sum(torch.split(v[:, : conv.chunks * t], t, dim=1))
+        rest = v[:, conv.chunks * t:]
+        return full + F.pad(rest, (0, 0, 0, 0, 0, t - rest.shape[1]))
+
+    top = conv.top_conv(fold(w * x))
+    reduced = conv.bottom_reduce_bn(conv.bottom_reduce(fold(w.flip(1) * x)))
+    bottom = conv.bottom_conv(F.relu(reduced))
+    return conv.bn(torch.cat((top, bottom), 1))
+
+
+@pytest.mark.parametrize("c, k, widths", [
+    (64, 2, (21, 10, 31)),     # SlimConv Table 10, CIFAR ResNet-50 stage 1: r = 3
+    (64, 4, (10, 5, 15)),      # r = 6
+    (58, "4/3", (29, 14, 43)),  # ShuffleNetV2 stage-2 branch: divisible by r = 2, not by 4
+])
+def test_non_divisible_channels_fold_leftovers(c, k, widths):
+    conv = SlimConv(c, compression_ratio=k, stride=2)
+    assert (conv.top_conv.in_channels, conv.bottom_reduce.out_channels, conv.out_channels) == widths
+    assert SlimConv.natural_out_channels(c, compression_ratio=k) == widths[2]
+    with torch.no_grad():
+        _randomise_bn(conv)
+    conv.eval()
+    x = torch.randn(2, c, 9, 9, requires_grad=True)
+    y = conv(x)
+    assert y.shape == (2, widths[2], 5, 5)
+    torch.testing.assert_close(y, _folded_reference(conv, x), rtol=1e-5, atol=1e-5)
+    # no information loss: every input channel (the leftovers too) reaches the output
+    y.square().sum().backward()
+    assert (x.grad.abs().sum((0, 2, 3)) > 0).all()
+
+
+def test_table10_cifar_resnet50_k2_k4_counts():
+    """SlimConv Table 10, CIFAR-100 ResNet-50: k=2 11.56M / 0.653G and k=4 9.08M / 0.519G
+    (FLOPs counted as SlimConv's tables are: conv + linear + 2 per BN output element)."""
+    from leanconv import create_model, profile
+
+    for k, params, macs, counted in ((2, 11_561_690, 645_713_072, 652_319_996),
+                                     (4, 9_079_622, 512_310_448, 518_589_500)):
+        with torch.device("meta"):
+            model = create_model("resnet50", conv="slimconv", stem="cifar", num_classes=100,
+                                 compression_ratio=k)
+        report = profile(model, (1, 3, 32, 32), counter="macs+bn")
+        assert (report.params, report.macs, report.counted_macs) == (params, macs, counted)

@@ -60,11 +60,13 @@ def _widths(in_channels: int, compression_ratio: object) -> tuple[Fraction, int,
     """(k, r, top width, bottom 1x1 width, bottom k x k width) for ``in_channels``; validated."""
     check_positive_int("in_channels", in_channels)
     k, r = _parse_compression_ratio(compression_ratio)
-    if in_channels % (2 * r):
+    if in_channels < 2 * r:
         raise ValueError(
-            f"in_channels={in_channels} must be divisible by 2r={2 * r} for compression_ratio={k} "
-            f"(r={r} summed chunks of C/r channels, bottom 1x1 to C/(2r) channels)"
+            f"in_channels={in_channels} must be at least 2r={2 * r} for compression_ratio={k} "
+            f"(r={r} summed chunks of C//r channels, bottom 1x1 to C//(2r) >= 1 channels)"
         )
+    # Floored widths as in the official code (C//r, C//(2r) = (C//r)//2); C not divisible by r
+    # folds the C mod r leftover channels into the chunk sum (SlimConv.forward).
     top = in_channels // r
     mid = in_channels // (2 * r)
     # k = 1 keeps the width: the bottom k x k conv grows C/4 back to C/2 (see class docstring).
@@ -141,6 +143,14 @@ class SlimConv(nn.Module):
       resolution before the stride; the SE runs on the input (official code).
     * ``k = 2r/3`` for ``r > 2`` sums ``r`` chunks (top ``C/r``, bottom ``C/(2r)``): the
       generalisation that reproduces the README's Sc-ResNet-50 (k=8/3) 12.10M params exactly.
+    * ``C`` not divisible by ``2r`` (e.g. C = 64 at k = 2 or 4, r = 3 or 6: SlimConv Table 10's
+      CIFAR ResNet-50): the widths are floored as in the official code, top ``C//r``, bottom
+      1x1 ``C//(2r)``, out ``C//r + C//(2r)``. The official code then sums only the first
+      ``r * (C//r)`` channels and silently drops the ``C mod r`` last ones; here they are added
+      to the first channels of the sum (the channel axis zero-padded to whole chunks of
+      ``C//r``, all chunks summed), so no input channel is lost and the parameter and MAC
+      counts equal the official code's (Table 10: k=2 11.56M, k=4 9.08M). C divisible by r
+      computes exactly as before. ``in_channels`` must be at least ``2r``.
     * ``k = 1`` (not in the SlimConv paper; the SCConv paper's "SlimConv (k=1)" rows): halves
       are summed as at k = 4/3 and the bottom k x k conv maps ``C/4 -> C/2``, so top and bottom
       each give ``C/2``. Replacing the second 3x3 conv of every CIFAR basic block (host BN
@@ -261,7 +271,16 @@ class SlimConv(nn.Module):
             weights = w.flip(1).unsqueeze(0)
         # Eq. 2: re-weight and sum the r chunks, both pathways in one multiply and one sum:
         # (P, N, r, C/r, 1, 1) * (N, r, C/r, H, W) -> sum over r -> (P, N, C/r, H, W).
-        recon = (weights.view(-1, n, r, c // r, 1, 1) * x.reshape(n, r, c // r, h, w_)).sum(2)
+        top_width = self.top_conv.in_channels  # C // r
+        if c == r * top_width:
+            recon = (weights.view(-1, n, r, top_width, 1, 1)
+                     * x.reshape(n, r, top_width, h, w_)).sum(2)
+        else:
+            # C mod r leftover channels: zero-pad the channel axis to whole chunks of C // r and
+            # sum them all, so the leftovers add into the first channels instead of being lost.
+            chunks = -(-c // top_width)
+            wx = F.pad(weights.view(-1, n, c, 1, 1) * x, (0, 0, 0, 0, 0, chunks * top_width - c))
+            recon = wx.view(-1, n, chunks, top_width, h, w_).sum(2)
         x_top, x_bottom = recon[0], recon[-1]
         # Transform: top k x k conv; bottom 1x1 (halving) + BN + ReLU, then k x k conv.
         top = self.top_conv(x_top)
