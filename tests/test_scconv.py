@@ -32,6 +32,7 @@ CONFIGS = [  # (C1, C2, alpha, r, g, k)
     (96, 48, Fraction(1, 4), 4, 2, 3),
     (64, 96, Fraction(1, 2), 2, 4, 5),
     (32, 64, Fraction(1, 2), 4, 1, 3),
+    (128, 32, Fraction(1, 2), 2, 2, 3),  # C2 = l_s: DenseNet's 128 -> 32 conv, no PWC2
 ]
 
 
@@ -221,7 +222,7 @@ def test_sru_is_unit_then_conv():
     (dict(cls=CRU, in_channels=12), "divisible by gwc_groups=2"),
     (dict(cls=CRU, in_channels=16, out_channels=33), "out_channels=33"),
     (dict(cls=CRU, in_channels=64, out_channels=16, split_ratio=0.25, gwc_groups=1),
-     "must exceed the reused lower width"),
+     "must be at least the reused lower width 24"),
 ])
 def test_invalid_configs_raise(kwargs, match):
     kwargs = dict(kwargs)
@@ -275,3 +276,34 @@ def test_registry_hparams():
     assert conv_hparams("cru") == dict(split_ratio=0.5, squeeze_ratio=2, gwc_groups=2)
     assert conv_hparams("scconv") == dict(split_ratio=0.5, squeeze_ratio=2, gwc_groups=2,
                                           gn_groups=4, gate_threshold=0.5, gate="soft", order="sc")
+
+
+def test_cru_out_channels_equal_to_reused_lower_width():
+    """C2 = l_s (DenseNet-121's 128 -> 32 bottleneck conv at alpha=1/2, r=2): PWC2 would have no
+    output channel, so it is omitted and Y2 = X_low, the limit of Eq. 6."""
+    cru = CRU(128, 32, stride=2).eval()
+    assert cru.pwc2 is None
+    # squeezes 64 -> 32 twice, GWC 9 * 16 * 32, PWC1 32 * 32, no PWC2
+    assert n_params(cru) == 2 * 64 * 32 + 9 * 16 * 32 + 32 * 32 == eq11(128, 32, 0.5, 2, 2)
+    x = torch.randn(2, 128, 9, 9, requires_grad=True)
+    y1, y2 = cru.transform(x)
+    x_low = cru.split_squeeze(x)[1]
+    torch.testing.assert_close(y2, x_low)
+    assert y1.shape == y2.shape == (2, 32, 5, 5)
+    y = cru(x)
+    torch.testing.assert_close(y, cru.fuse(y1, y2))
+    cru.train()
+    cru(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cru.parameters())
+
+
+def test_densenet121_scconv_table2_counts():
+    """SCConv Table 2 SCConv-D121 (CIFAR-10): 5.45M / 594.34M; here 5,397,258 params and
+    599,345,152 ops counted as SCConv's tables are (conv + linear + 2 per BN output)."""
+    from leanconv import create_model, profile
+
+    with torch.device("meta"):
+        model = create_model("densenet121", conv="scconv", num_classes=10)
+    report = profile(model, (1, 3, 32, 32), counter="macs+bn")
+    assert (report.params, report.macs, report.counted_macs) == (5_397_258, 589_637_632,
+                                                                 599_345_152)

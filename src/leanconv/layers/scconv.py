@@ -228,7 +228,10 @@ class CRU(nn.Module):
       inputs (ceil-mode average pooling, so odd sizes work). The lower part is pooled *before* its
       squeeze: pooling and a bias-free 1x1 conv commute, so this only saves work.
     * ``in_channels != out_channels``: every branch maps to :math:`C_2`; requires
-      :math:`C_2 > l_s` and :math:`g \mid C_2`.
+      :math:`C_2 \ge l_s` and :math:`g \mid C_2`. At :math:`C_2 = l_s` (e.g. DenseNet's
+      128 -> 32 bottleneck 3x3 conv at :math:`\alpha = 1/2, r = 2`) PWC2 would produce no
+      channel and is omitted (``pwc2 is None``): :math:`Y_2 = X_{low}`, the limit of Eq. 6. This
+      reproduces SCConv Table 2's SCConv-D121 (5.45M: 5.40M here).
     * Bias: the paper omits biases (footnote 1) and the host block's BN follows, so the default
       is ``bias=False``. ``bias=True`` puts the per-output-channel bias in the GWC, as the popular
       code does (it then matches the notes' reference counts, e.g. 7,616 for SCConv(64, 64)).
@@ -281,9 +284,9 @@ class CRU(nn.Module):
                 f"squeeze_ratio={squeeze_ratio}) must be divisible by gwc_groups={gwc_groups}"
             )
         check_divisible("out_channels", out_channels, gwc_groups, "gwc_groups")
-        if out_channels <= low_sq:
+        if out_channels < low_sq:
             raise ValueError(
-                f"out_channels={out_channels} must exceed the reused lower width "
+                f"out_channels={out_channels} must be at least the reused lower width "
                 f"{low_sq} (Eq. 6 concatenates PWC2's out_channels - {low_sq} channels with it)"
             )
         dd = {"device": device, "dtype": dtype}
@@ -298,7 +301,9 @@ class CRU(nn.Module):
         self.gwc = nn.Conv2d(up_sq, out_channels, kernel_size, stride, padding, dilation,
                              groups=gwc_groups, bias=bias, **dd)
         self.pwc1 = nn.Conv2d(up_sq, out_channels, 1, bias=False, **dd)
-        self.pwc2 = nn.Conv2d(low_sq, out_channels - low_sq, 1, bias=False, **dd)
+        # out_channels == l_s: PWC2 would have no output channel; Y2 is the reused X_low alone.
+        self.pwc2 = (nn.Conv2d(low_sq, out_channels - low_sq, 1, bias=False, **dd)
+                     if out_channels > low_sq else None)
         # set by fuse_for_inference: GWC + PWC1 merged into one k x k conv
         self.fused_upper: nn.Conv2d | None = None
 
@@ -315,7 +320,7 @@ class CRU(nn.Module):
             # Eq. 5: Y1 = GWC(X_up) + PWC1(X_up)   (the GWC carries the stride)
             y1 = self.gwc(x_up) + self.pwc1(downsample(x_up, self.stride))
         # Eq. 6: Y2 = PWC2(X_low) U X_low   (feature reuse)
-        y2 = torch.cat([self.pwc2(x_low), x_low], dim=1)
+        y2 = x_low if self.pwc2 is None else torch.cat([self.pwc2(x_low), x_low], dim=1)
         return y1, y2
 
     def split_squeeze(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
