@@ -12,12 +12,14 @@ SlimConv Table 3 (ImageNet, 224x224): ShuffleNetV2 2.28M / 0.151 GFLOPs, Sc-Shuf
 Placement (docs/placement.md): the conv type replaces the 3x3 depthwise conv of the main
 branch (``branch2``) of every unit of the chosen ``stages`` (2, 3, 4; all by default), stride-2
 units included; the stem, the 1x1 convs and the shortcut branch (``branch1``) of the stride-2
-units stay vanilla. Stage 2's branches have 58 channels, which SlimConv (C divisible by 2r),
-SPConv and SCConv (even splits divisible by their groups) cannot take: for them the default is
-stages 3 and 4, and CRU / SCConv (which squeeze ``C/2`` by r = 2 into g = 2 groups: C divisible
-by 8) only stage 4. Vanilla, Ghost and CompConv default to all three. Depthwise handling per
-conv type is :func:`~leanconv.models.mobilenetv2.depthwise_conv` (SlimConv: depthwise in both
-pathways, its BNs replace the host BN, the following 1x1 conv reads its ``C/k`` channels).
+units stay vanilla. Stage 2's branches have 58 channels, which SPConv and SCConv (even splits
+divisible by their groups) cannot take and SlimConv's paper build leaves vanilla (58 is not
+divisible by 2r = 4; the module floors such widths, but Table 3's 2.25M keeps stage 2 vanilla):
+for them the default is stages 3 and 4, and CRU / SCConv (which squeeze ``C/2`` by r = 2 into
+g = 2 groups: C divisible by 8) only stage 4. Vanilla, Ghost and CompConv default to all three.
+Depthwise handling per conv type is :func:`~leanconv.models.mobilenetv2.depthwise_conv`
+(SlimConv: depthwise in both pathways, its BNs replace the host BN, the following 1x1 conv reads
+its ``C/k`` channels).
 """
 
 from __future__ import annotations
@@ -80,8 +82,8 @@ class ShuffleNetV2(nn.Module):
         super().__init__()
         check_choice("stem", stem, ("imagenet", "cifar"))
         if stages is None:
-            # Stage 2's branches have 58 channels: SlimConv needs C divisible by 2r, SPConv and
-            # SCConv even halves divisible by their groups, so they start at stage 3.
+            # Stage 2's branches have 58 channels: SPConv and SCConv need even halves divisible
+            # by their groups; SlimConv's paper build (Table 3) also starts at stage 3.
             # CRU (and SCConv) also squeeze alpha*C by r into groups of g: C divisible by 8.
             stages = (2, 3, 4) if conv in _ANY_WIDTH else _START.get(conv, (3, 4))
         stages = tuple(stages)
