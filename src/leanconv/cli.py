@@ -187,6 +187,8 @@ def _add_profile(sub) -> None:
     p.add_argument("--layers", action="store_true", help="print one line per layer")
     p.add_argument("--elementwise", action="store_true",
                    help="also count norm / activation / elementwise / pooling ops")
+    p.add_argument("--counter", default="macs", choices=("macs", "macs+bn", "macs+bn4+pool+bias"),
+                   help="counting convention of the 'counted' total (docs/reproduction.md)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the report as JSON")
 
     def run(args):
@@ -199,7 +201,7 @@ def _add_profile(sub) -> None:
         model, name = build_model(args.model, args.conv, input=args.input,
                                   num_classes=args.classes, in_channels=args.in_channels,
                                   **hparams_from_args(args, args.conv))
-        report = profile(model, (h, w), count_elementwise=args.elementwise)
+        report = profile(model, (h, w), count_elementwise=args.elementwise, counter=args.counter)
         hp = hparams_from_args(args, args.conv)
         print(f"{name}  conv={args.conv}" + "".join(f" {k}={v}" for k, v in hp.items()))
         print(report.table(layers=args.layers))
@@ -221,12 +223,15 @@ def _add_tables(sub) -> None:
                    help="write one object per CSV row with measured_params_M / measured_macs_G")
     p.add_argument("--rows", default=None, metavar="1,2,5",
                    help="only these 1-based CSV rows")
+    p.add_argument("--counter", default=None, choices=("macs", "macs+bn", "macs+bn4+pool+bias"),
+                   help="one counting convention for every row (default: each paper's own)")
 
     def run(args):
         from .tables import run_tables
 
         rows = [int(x) for x in args.rows.split(",")] if args.rows else None
-        run_tables(args.targets, markdown=args.markdown, json_path=args.json, rows=rows)
+        run_tables(args.targets, markdown=args.markdown, json_path=args.json, rows=rows,
+                   counter=args.counter)
 
     p.set_defaults(func=run)
 

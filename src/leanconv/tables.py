@@ -400,7 +400,7 @@ def _summary(results: Sequence[RowResult]) -> str:
     pct = 100 * n_ok / n if n else 0.0
     plain = sum(r.ok_convlinear for r in results)
     return (f"{n_ok}/{n} rows ({pct:.1f}%) within ±{PARAMS_TOL:.0%} params and "
-            f"±{MACS_TOL:.0%} MACs (MACs under each paper's counting convention; "
+            f"±{MACS_TOL:.0%} MACs (MACs counted as the `counter` column says; "
             f"{plain}/{n} with plain conv+linear MACs); {errors} rows could not be built")
 
 
