@@ -89,3 +89,13 @@ def test_cli_tables_and_profile(tmp_path, capsys):
                      "--elementwise", "--json", str(tmp_path / "p.json")]) == 0
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["params"] == 3_381_052 and data["elementwise"] > 0
+
+
+def test_cli_counter_forces_one_convention(tmp_path):
+    targets = tmp_path / "t.csv"
+    targets.write_text(CSV)
+    out = tmp_path / "o.json"
+    assert cli.main(["tables", "--targets", str(targets), "--rows", "3", "--counter", "macs",
+                     "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["counter"] == "macs" and row["measured_macs"] == 144_907_992
