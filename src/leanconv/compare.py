@@ -656,6 +656,7 @@ def format_results(results: dict) -> str:
         "",
         "ratio = module / vanilla (latency: <= 1 is faster; train: >= 1 is faster; memory: "
         "<= 1 is smaller); MAC red. = vanilla MACs / module MACs; MACs = multiply-accumulates "
-        "per image (the papers' FLOPs); train time = mean wall time of one training run.",
+        "per image (the papers' FLOPs); train time = mean time of one training run's epochs "
+        "(training + evaluation).",
     ]
     return "\n".join(lines)
