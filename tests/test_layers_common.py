@@ -1,4 +1,4 @@
-"""Behaviour every registered conv type promises as a drop-in ``nn.Conv2d`` (one harness for all)."""
+"""Behaviour every registered conv type promises as a drop-in ``nn.Conv2d`` (one harness)."""
 
 import math
 
@@ -13,14 +13,16 @@ CONVS = available_convs()
 
 
 def build(name, in_channels=16, out_channels=32, **kwargs):
-    width = conv_out_channels(name, in_channels, out_channels,
-                              **{k: v for k, v in kwargs.items() if k not in ("stride", "dilation", "kernel_size")})
+    hparams = {k: v for k, v in kwargs.items() if k not in ("stride", "dilation", "kernel_size")}
+    width = conv_out_channels(name, in_channels, out_channels, **hparams)
     conv = create_conv(name, in_channels, width, **kwargs)
     return conv, width
 
 
 def test_registry_names():
-    assert CONVS[:8] == ["vanilla", "slimconv", "spconv", "sru", "cru", "scconv", "compconv", "ghost"]
+    assert CONVS[:8] == [
+        "vanilla", "slimconv", "spconv", "sru", "cru", "scconv", "compconv", "ghost",
+    ]
     for cls in ("SlimConv", "SPConv", "SRU", "CRU", "SCConv", "CompConv", "GhostConv"):
         assert hasattr(leanconv, cls)
 

@@ -15,9 +15,11 @@ from numbers import Real
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = [
     "as_fraction",
+    "bn_scale_shift",
     "channel_shuffle",
     "check_choice",
     "check_conv_args",
@@ -26,6 +28,7 @@ __all__ = [
     "check_ratio",
     "conv_output_size",
     "downsample",
+    "fold_bn",
     "same_padding",
 ]
 
@@ -57,7 +60,8 @@ def check_conv_args(
 ) -> int:
     """Validate the ``nn.Conv2d``-shaped arguments shared by every module; return the padding.
 
-    Only "same" padding is supported (``None``, ``"same"`` or ``dilation * (kernel_size - 1) // 2``):
+    Only "same" padding is supported (``None``, ``"same"`` or
+    ``dilation * (kernel_size - 1) // 2``):
     the modules add or concatenate branches whose sizes must agree, so any other padding has no
     consistent meaning.
     """
@@ -84,7 +88,9 @@ def check_ratio(name: str, value: Real, low_open: float = 0.0, high: float = 1.0
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in ({low_open}, {high}], got {value!r}") from None
+        raise ValueError(
+            f"{name} must be a number in ({low_open}, {high}], got {value!r}"
+        ) from None
     if not (low_open < value <= high) or math.isnan(value):
         raise ValueError(f"{name} must be in ({low_open}, {high}], got {value}")
     return value
@@ -130,3 +136,31 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     batch, channels, height, width = x.shape
     x = x.view(batch, groups, channels // groups, height, width).transpose(1, 2)
     return x.reshape(batch, channels, height, width)
+
+
+def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as ``y = scale * x + shift`` per channel."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+@torch.no_grad()
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, shift: bool = True) -> None:
+    """Fold eval-mode ``bn`` into ``conv`` in place, so that ``bn(conv(x)) == conv'(x)``.
+
+    With ``shift=False`` only the scale is folded: for a conv whose output is summed with another
+    conv's before the BN, where the other conv receives the shift.
+    """
+    scale, offset = bn_scale_shift(bn)
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    if conv.bias is not None:
+        conv.bias.mul_(scale)
+        if shift:
+            conv.bias.add_(offset)
+    elif shift:
+        conv.bias = nn.Parameter(offset.clone())

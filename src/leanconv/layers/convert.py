@@ -14,7 +14,8 @@ __all__ = ["convert_convs"]
 def _default_predicate(name: str, conv: nn.Conv2d) -> bool:
     # The papers replace the k x k convs of the body: not 1x1s, not grouped/depthwise convs, and not
     # the stem that reads the image (too few channels to split; every paper keeps it vanilla).
-    return conv.kernel_size[0] == conv.kernel_size[1] > 1 and conv.groups == 1 and conv.in_channels > 4
+    square = conv.kernel_size[0] == conv.kernel_size[1] > 1
+    return square and conv.groups == 1 and conv.in_channels > 4
 
 
 def convert_convs(

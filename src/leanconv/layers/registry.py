@@ -1,7 +1,8 @@
 """The single registry of convolution types: ``create_conv(name, ...)`` and ``available_convs()``.
 
 Every conv type is a class with an ``nn.Conv2d``-shaped constructor
-``(in_channels, out_channels, kernel_size=3, stride=1, padding=None, dilation=1, ..., **paper_hparams)``
+``(in_channels, out_channels, kernel_size=3, stride=1, padding=None, dilation=1, ...,
+**paper_hparams)``
 and a truthful ``out_channels`` attribute. Models, the converter, the profiler and the CLI all go
 through this module, so a hyperparameter keeps one name from the command line to the constructor.
 """
@@ -81,7 +82,7 @@ def _check_hparams(name: str, hparams: dict) -> None:
 
 
 def conv_out_channels(name: str, in_channels: int, out_channels: int | None, **hparams) -> int:
-    """Width the conv will actually produce (SlimConv's is ``in_channels / k``), before building it."""
+    """Width the conv will produce (SlimConv's is ``in_channels / k``), known before building."""
     _check_hparams(name, hparams)
     cls = conv_class(name)
     natural = getattr(cls, "natural_out_channels", None)

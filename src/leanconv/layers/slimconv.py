@@ -20,10 +20,12 @@ from torch import nn
 
 from ._utils import (
     as_fraction,
+    bn_scale_shift,
     check_choice,
     check_conv_args,
     check_divisible,
     check_positive_int,
+    fold_bn,
 )
 from .registry import register_conv
 
@@ -297,10 +299,10 @@ class SlimConv(nn.Module):
         self.eval()
         if isinstance(self.bn, nn.Identity):
             return self
-        _fold_bn(self.fc1, self.fc1_bn)
-        _fold_bn(self.bottom_reduce, self.bottom_reduce_bn)
+        fold_bn(self.fc1, self.fc1_bn)
+        fold_bn(self.bottom_reduce, self.bottom_reduce_bn)
         top = self.top_conv.out_channels
-        scale, shift = _bn_scale_shift(self.bn)
+        scale, shift = bn_scale_shift(self.bn)
         if self.bias is not None:
             shift = shift + self.bias
         for conv, s, b in ((self.top_conv, scale[:top], shift[:top]),
@@ -324,20 +326,3 @@ class SlimConv(nn.Module):
             s += f", flipping={self.flipping!r}"
         return s
 
-
-def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale, shift
-
-
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    scale, shift = _bn_scale_shift(bn)
-    if conv.bias is not None:
-        shift = shift + conv.bias * scale
-    conv.weight.mul_(scale.view(-1, 1, 1, 1))
-    conv.bias = nn.Parameter(shift.clone())

@@ -21,6 +21,7 @@ from ._utils import (
     check_positive_int,
     check_ratio,
     downsample,
+    fold_bn,
 )
 from .registry import register_conv
 
@@ -28,19 +29,6 @@ __all__ = ["SPConv"]
 
 _REPRESENTATIVE = ("gwc+pwc", "vanilla", "gwc-then-pwc")
 _FUSION = ("softmax", "sum")
-
-
-@torch.no_grad()
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, shift: bool = True) -> None:
-    """Fold ``bn`` (eval statistics) into ``conv`` in place: ``bn(conv(x)) == conv'(x)``.
-
-    With ``shift=False`` only the scale is folded (for a conv whose output is summed with another
-    conv's before the BN; the other one receives the shift).
-    """
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    conv.weight.mul_(scale.view(-1, 1, 1, 1))
-    if shift:
-        conv.bias = nn.Parameter(bn.bias - bn.running_mean * scale)
 
 
 @register_conv("spconv")
@@ -236,16 +224,16 @@ class SPConv(nn.Module):
         self.eval()
         # BN of U3: scale into every conv feeding it, shift into one of them.
         if self.representative == "gwc+pwc":
-            _fold_bn(self.conv_kxk, self.bn_rep, shift=False)
-            _fold_bn(self.pwc, self.bn_rep)
+            fold_bn(self.conv_kxk, self.bn_rep, shift=False)
+            fold_bn(self.pwc, self.bn_rep)
         elif self.representative == "gwc-then-pwc":
-            _fold_bn(self.pwc, self.bn_rep)
+            fold_bn(self.pwc, self.bn_rep)
         else:
-            _fold_bn(self.conv_kxk, self.bn_rep)
+            fold_bn(self.conv_kxk, self.bn_rep)
         self.bn_rep = nn.Identity()
         rep_out = self.conv_kxk if self.pwc is None else self.pwc
         if self.pwc_red is not None:
-            _fold_bn(self.pwc_red, self.bn_red)
+            fold_bn(self.pwc_red, self.bn_red)
             self.bn_red = nn.Identity()
         # A bias on Y can go into both branches: beta + gamma = 1 and S3 - S1 is unchanged.
         if self.bias is not None:
