@@ -527,6 +527,9 @@ def run_compare(
             "epochs": c.epochs,
             "train_time_s": statistics.fmean(r["train_time_s"] for r in runs_done)
             if runs_done else None,
+            # throughput of the accuracy runs themselves (all threads, data loading included)
+            "run_images_per_s": statistics.fmean(r["run_images_per_s"] for r in runs_done)
+            if runs_done else None,
             "error": s.get("error") or errors.get(conv),
         })
         rows.append(row)
@@ -576,7 +579,7 @@ def env_load():
 JSON_COLUMNS = ("conv", "hparams", "params", "macs", "params_ratio", "mac_reduction",
                 "train_images_per_s", "train_ratio", "backward_bytes", "memory_ratio",
                 "peak_bytes", "top1_mean", "top1_std", "top1_runs", "seeds", "epochs",
-                "train_time_s", "error")
+                "train_time_s", "run_images_per_s", "error")
 
 
 def md_columns(batches: Sequence[int]) -> list[str]:
