@@ -12,10 +12,12 @@ from __future__ import annotations
 from fractions import Fraction
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._utils import (
     as_fraction,
+    bn_scale_shift,
     check_choice,
     check_conv_args,
     check_positive_int,
@@ -29,6 +31,114 @@ __all__ = ["SPConv"]
 
 _REPRESENTATIVE = ("gwc+pwc", "vanilla", "gwc-then-pwc")
 _FUSION = ("softmax", "sum")
+
+
+def _bn_train_args(bn: nn.BatchNorm2d) -> tuple:
+    """What ``nn.BatchNorm2d.forward`` passes to the batch-norm kernel in training mode.
+
+    Does the same bookkeeping (``num_batches_tracked += 1``; ``momentum=None`` means a
+    cumulative average) and returns ``(running_mean, running_var, factor, eps)``.
+    """
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    if bn.track_running_stats:
+        return bn.running_mean, bn.running_var, factor, bn.eps
+    return None, None, factor, bn.eps
+
+
+def _batch_stats(bn: nn.Module) -> bool:
+    """Whether ``bn`` is an ``nn.BatchNorm2d`` normalising with batch statistics (training)."""
+    return type(bn).forward is nn.BatchNorm2d.forward and bn.training
+
+
+def _check_batch_stats(z: torch.Tensor) -> None:
+    # As F.batch_norm in training: one value per channel has no batch statistics.
+    if z.numel() // z.shape[1] == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {z.size()}"
+        )
+
+
+def _bn_affine(weight, bias, mean, invstd):
+    """Training-mode BN as ``u = z * a + c`` per channel (a, c shaped (1, C, 1, 1))."""
+    a = invstd if weight is None else invstd * weight
+    c = -mean * a if bias is None else bias - mean * a
+    return a.view(1, -1, 1, 1), c.view(1, -1, 1, 1)
+
+
+@torch.no_grad()
+def _scale_conv(conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    """``conv(x) -> a * conv(x) + b`` per output channel, in place (``b=None``: no shift)."""
+    conv.weight.mul_(a.view(-1, 1, 1, 1))
+    if conv.bias is not None:
+        conv.bias.mul_(a)
+        if b is not None:
+            conv.bias.add_(b)
+    elif b is not None:
+        conv.bias = nn.Parameter(b.clone())
+
+
+class _LeanFusion(torch.autograd.Function):
+    r"""Training-mode tail of SPConv with a lean backward (Eq. 2 right term, Eq. 4-6, both BNs).
+
+    ``Y = lerp(U1, U3, beta)``, ``U3 = BN(Z3)``, ``U1 = BN(PWC_red(X_red))``,
+    ``beta = sigmoid(GAP(U3) - GAP(U1))``. Autograd would keep Z3, Z1, U3 and U1 (four
+    output-sized maps); this keeps only Z3 (X_red is a slice of the input, which the k x k conv
+    keeps anyway) plus per-channel statistics and beta, and recomputes in backward
+    ``Z1 = PWC_red(X_red)`` (a 1x1 conv) and ``U3 - U1`` (a per-channel affine map of Z3, Z1).
+    The BN kernels, their running-statistics update and their backward are PyTorch's own
+    (``native_batch_norm`` / ``native_batch_norm_backward``), so the results are those of
+    ``nn.BatchNorm2d`` up to float rounding.
+
+    Backward, with G = dL/dY and sums over the spatial positions of one (sample, channel):
+    ``dL/dbeta = sum(G * (U3 - U1))``, ``g_s = beta (1 - beta) dL/dbeta / HW``,
+    ``dL/dU3 = beta G + g_s``, ``dL/dU1 = G - dL/dU3``.
+    """
+
+    @staticmethod
+    def forward(ctx, z3, x_red, w_red, w3, b3, w1, b1, stats3, stats1):
+        # stats*: (running_mean, running_var, momentum factor, eps) of each BN, not learnable.
+        z1 = F.conv2d(x_red, w_red)
+        rm3, rv3, f3, eps3 = stats3
+        rm1, rv1, f1, eps1 = stats1
+        u3, mean3, invstd3 = torch.native_batch_norm(z3, w3, b3, rm3, rv3, True, f3, eps3)
+        u1, mean1, invstd1 = torch.native_batch_norm(z1, w1, b1, rm1, rv1, True, f1, eps1)
+        beta = torch.sigmoid(u3.mean((2, 3), keepdim=True) - u1.mean((2, 3), keepdim=True))
+        y = u1.lerp_(u3, beta)
+        ctx.save_for_backward(z3, x_red, w_red, w3, b3, w1, b1, mean3, invstd3, mean1,
+                              invstd1, beta)
+        ctx.eps = (eps3, eps1)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        z3, x_red, w_red, w3, b3, w1, b1, mean3, invstd3, mean1, invstd1, beta = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        z1 = F.conv2d(x_red, w_red)
+        a3, c3 = _bn_affine(w3, b3, mean3, invstd3)
+        a1, c1 = _bn_affine(w1, b1, mean1, invstd1)
+        # U3 - U1, then dL/dbeta = sum_hw G (U3 - U1) and the gradient of the softmax logits.
+        d = torch.addcmul(c3 - c1, z3, a3).addcmul_(z1, a1, value=-1)
+        g_s = d.mul_(gy).sum((2, 3), keepdim=True)
+        g_s.mul_(beta * (1 - beta) / (gy.shape[2] * gy.shape[3]))
+        gu3 = torch.addcmul(g_s, gy, beta)
+        gu1 = gy - gu3
+        mask3 = [need[0], need[3], need[4]]
+        mask1 = [need[1] or need[2], need[5], need[6]]
+        gz3, gw3, gb3 = torch.ops.aten.native_batch_norm_backward(
+            gu3, z3, w3, None, None, mean3, invstd3, True, ctx.eps[0], mask3)
+        gz1, gw1, gb1 = torch.ops.aten.native_batch_norm_backward(
+            gu1, z1, w1, None, None, mean1, invstd1, True, ctx.eps[1], mask1)
+        gx_red = gw_red = None
+        if need[1] or need[2]:
+            gx_red, gw_red, _ = torch.ops.aten.convolution_backward(
+                gz1, x_red, w_red, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [need[1], need[2], False])
+        return gz3, gx_red, gw_red, gw3, gb3, gw1, gb1, None, None
 
 
 @register_conv("spconv")
@@ -164,35 +274,50 @@ class SPConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
         # Set by fuse_for_inference when both 1x1 convs become one.
         self.pwc_merged: nn.Conv2d | None = None
+        # Set by absorb_bn: per-channel factor on S3 - S1 (1/a of the absorbed BN's scale a).
+        self.register_buffer("fusion_scale", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pwc_merged is not None:
             return self._forward_merged(x)
         # Eq. 2: split the input channels into the representative and the redundant part.
-        c3 = self.rep_channels
-        x_rep = x[:, :c3]
+        c3, c1 = self.rep_channels, self.red_channels
+        # The 1x1 paths see the input pooled to the output size; pooled once for both parts.
+        if c1:
+            xp = downsample(x, self.stride)
+            xp_rep, xp_red = xp[:, :c3], xp[:, c3:c3 + c1]
+        elif self.representative == "gwc+pwc":
+            xp_rep = downsample(x[:, :c3], self.stride)
         # Eq. 3: representative part, k x k GWC and PWC summed (or the P20 / P22 variants).
-        u3 = self.conv_kxk(x_rep)
+        z3 = self.conv_kxk(x[:, :c3])
         if self.representative == "gwc+pwc":
-            u3 = u3 + self.pwc(downsample(x_rep, self.stride))
+            z3 = z3.add_(self.pwc(xp_rep))  # in place: a conv does not keep its output
         elif self.representative == "gwc-then-pwc":
-            u3 = self.pwc(u3)
-        u3 = self.bn_rep(u3)
-        if self.pwc_red is None:  # no redundant part (P1 off, or split_ratio=1)
-            return self._add_bias(u3)
+            z3 = self.pwc(z3)
+        if not c1:  # no redundant part (P1 off, or split_ratio=1)
+            return self._add_bias(self.bn_rep(z3))
+        if self.fusion == "softmax" and _batch_stats(self.bn_rep) and _batch_stats(self.bn_red):
+            # Training: the same maths with a lean backward (_LeanFusion): Eq. 2 right term,
+            # both BNs and Eq. 4-6, keeping only Z3 for backward.
+            _check_batch_stats(z3)
+            y = _LeanFusion.apply(z3, xp_red, self.pwc_red.weight, self.bn_rep.weight,
+                                  self.bn_rep.bias, self.bn_red.weight, self.bn_red.bias,
+                                  _bn_train_args(self.bn_rep), _bn_train_args(self.bn_red))
+            return self._add_bias(y)
         # Redundant part: 1x1 conv on the remaining channels.
-        x_red = x[:, c3:c3 + self.red_channels]
-        u1 = self.bn_red(self.pwc_red(downsample(x_red, self.stride)))
+        u3 = self.bn_rep(z3)
+        u1 = self.bn_red(self.pwc_red(xp_red))
         return self._add_bias(self._fuse(u3, u1))
 
     def _fuse(self, u3: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
         if self.fusion == "sum":
             return u3 + u1
         # Eq. 4: channel statistics S3, S1 by global average pooling.
-        s3 = u3.mean((2, 3), keepdim=True)
-        s1 = u1.mean((2, 3), keepdim=True)
+        s = u3.mean((2, 3), keepdim=True) - u1.mean((2, 3), keepdim=True)
+        if self.fusion_scale is not None:  # set by absorb_bn: S3 - S1 of the unscaled branches
+            s = s * self.fusion_scale.view(1, -1, 1, 1)
         # Eq. 5: softmax over the two branches, beta = e^S3 / (e^S3 + e^S1), gamma = 1 - beta.
-        beta = torch.sigmoid(s3 - s1)
+        beta = torch.sigmoid(s)
         # Eq. 6: Y = beta * U3 + gamma * U1 = U1 + beta * (U3 - U1).
         return torch.lerp(u1, u3, beta)
 
@@ -257,6 +382,48 @@ class SPConv(nn.Module):
             self.pwc_merged = merged.eval()
             self.pwc = self.pwc_red = None
         return self
+
+    @torch.no_grad()
+    def absorb_bn(self, bn: nn.Module) -> bool:
+        r"""Fold an eval-mode BN applied to this module's output into the module, in place.
+
+        Called by :func:`leanconv.prepare_for_inference` for the host network's BN after
+        SPConv (``bn2(conv2(x))``); runs :meth:`fuse_for_inference` first. Returns ``False``
+        (nothing changed) for anything but a ``BatchNorm2d`` with running statistics over
+        ``out_channels`` channels.
+
+        The BN is ``a * Y + b`` per channel. As beta + gamma = 1,
+        ``a * Y + b = beta * (a U3 + b) + gamma * (a U1 + b)``, so both branches take the map
+        (convs scaled by ``a``, ``b`` added to each branch's bias; once for ``fusion="sum"``).
+        The fusion statistics are *not* invariant under it:
+        ``GAP(a U3 + b) - GAP(a U1 + b) = a (S3 - S1)``, so beta would change. The module keeps
+        the original beta by multiplying ``S3 - S1`` by ``1/a`` per channel (buffer
+        ``fusion_scale``; channels with ``a = 0`` output ``b`` whatever beta is, and get 0).
+        """
+        if not (isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
+                and bn.running_var is not None and bn.num_features == self.out_channels):
+            return False
+        self.fuse_for_inference()
+        a, b = bn_scale_shift(bn)
+        softmax = self.fusion == "softmax" and self.red_channels > 0
+        if self.pwc_merged is not None:
+            _scale_conv(self.conv_kxk, a)
+            if softmax:  # [U3 part; U1 part] of the 2-group 1x1 conv, b into both
+                _scale_conv(self.pwc_merged, torch.cat([a, a]), torch.cat([b, b]))
+            else:  # fusion="sum": one dense 1x1 conv, b once
+                _scale_conv(self.pwc_merged, a, b)
+        else:
+            rep_convs = {"gwc+pwc": [self.conv_kxk, self.pwc], "gwc-then-pwc": [self.pwc],
+                         "vanilla": [self.conv_kxk]}[self.representative]
+            for conv in rep_convs[:-1]:
+                _scale_conv(conv, a)
+            _scale_conv(rep_convs[-1], a, b)
+            if self.pwc_red is not None:
+                _scale_conv(self.pwc_red, a, b if softmax else None)
+        if softmax:
+            inv = torch.where(a != 0, 1 / a, torch.zeros_like(a))
+            self.fusion_scale = inv if self.fusion_scale is None else self.fusion_scale * inv
+        return True
 
     def extra_repr(self) -> str:
         return (
