@@ -25,6 +25,7 @@ the class docstrings.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from ._utils import (
     check_positive_int,
     check_ratio,
     downsample,
+    fold_bn,
 )
 from .registry import register_conv
 
@@ -54,6 +56,219 @@ def _check_threshold(value: float) -> float:
     if not 0.0 < value < 1.0:
         raise ValueError(f"gate_threshold must be in (0, 1) (it thresholds a sigmoid), got {value}")
     return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Lean forward/backward machinery (no maths of its own: Eq. 1-4 and 7-9 rewritten for memory).
+#
+# In training, autograd would keep several full-size maps per SRU (sigmoid output, mask, R * X,
+# X^w) and per CRU fusion (Y1, Y2). The two autograd Functions below keep only what cannot be
+# recomputed cheaply: the SRU keeps X (which the layer before saves anyway) and recomputes GN,
+# the gate and X^w in backward; the fusion keeps D = Y1 - Y2 and beta1 (Y1 and Y2 are not
+# needed: dY1 = beta1 dY + s, dY2 = dY - dY1 with s from sum_HW(dY * D)). Outside training
+# (eval or no grad, e.g. torch.export) plain tensor code computes the same values.
+# ----------------------------------------------------------------------------------------------
+
+
+class _Branch(NamedTuple):
+    """A conv reading channels ``[start, stop)`` of X^w, average-pooled by ``pool`` first."""
+
+    start: int
+    stop: int
+    pool: int = 1
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+
+
+def _branch_input(xw: torch.Tensor, branch: _Branch) -> torch.Tensor:
+    part = xw if branch.stop - branch.start == xw.shape[1] else xw[:, branch.start:branch.stop]
+    return downsample(part, branch.pool)
+
+
+def _run_branches(xw: torch.Tensor, branches, params) -> tuple[torch.Tensor, ...]:
+    return tuple(
+        F.conv2d(_branch_input(xw, b), params[2 * i], params[2 * i + 1], b.stride, b.padding,
+                 b.dilation, b.groups)
+        for i, b in enumerate(branches)
+    )
+
+
+def _logit(threshold: float) -> float:
+    return math.log(threshold / (1.0 - threshold))
+
+
+def _gate(z: torch.Tensor, threshold: float, soft: bool, inplace: bool):
+    """Eq. 3 from z = W_gamma * GN(X): ``(R or None, informative mask)``."""
+    if soft:
+        reweight = z.sigmoid_() if inplace else torch.sigmoid(z)
+        return reweight, reweight > threshold
+    # sigmoid(z) > t  <=>  z > logit(t): the hard gate needs no sigmoid
+    return None, z > _logit(threshold)
+
+
+def _reconstruct(x: torch.Tensor, reweight: torch.Tensor | None, informative: torch.Tensor,
+                 inplace: bool) -> torch.Tensor:
+    """Eq. 4: ``X^w = [X^w_11 + X^w_22, X^w_21 + X^w_12]`` from the gate.
+
+    Soft gate: W1 = W2 + [R > t], so ``X^w = [R > t] * X + [S, S]`` with ``S`` the sum of the two
+    channel halves of ``W2 X``: a half-width sum broadcast over both halves instead of a roll.
+    Hard gate: ``X1 = [R > t] X``, ``X2 = X - X1`` and ``X^w = X1 + roll(X2, C/2)``.
+    Bit-identical to the step-by-step form (only zeros are added). ``inplace`` may overwrite
+    ``reweight`` (when it is not needed any more).
+    """
+    half = x.shape[1] // 2
+    out = torch.where(informative, x, 0.0)                         # [R > t] * X  (= X1, hard)
+    if reweight is None:
+        return out.add_(x.masked_fill(informative, 0.0).roll(half, dims=1))
+    x2 = reweight.mul_(x) if inplace else reweight * x             # R * X
+    x2.masked_fill_(informative, 0.0)                              # W2 * X
+    out.unflatten(1, (2, half)).add_(x2.unflatten(1, (2, half)).sum(1, keepdim=True))
+    return out
+
+
+class _SRUThenConvs(torch.autograd.Function):
+    """SRU (Eq. 1-4) followed by convs on channel slices of X^w; saves X only.
+
+    ``forward(x, gn_weight, gn_bias, spec, *conv_params)`` with ``gn_weight``/``gn_bias`` GN's
+    affine with W_gamma folded in, ``spec = (gn_groups, eps, threshold, soft, branches)`` and
+    ``conv_params`` a (weight, bias-or-None) pair per branch. Returns one output per branch, or
+    ``(X^w,)`` without branches. Backward recomputes GN (same kernel, same values), the gate and
+    X^w, then applies the conv backward and the SRU backward by hand.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec, *params):
+        groups, eps, threshold, soft, branches = spec
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        n, c = x.shape[:2]
+        z = torch.native_group_norm(x, weight, bias, n, c, math.prod(x.shape[2:]), groups, eps)[0]
+        xw = _reconstruct(x, *_gate(z, threshold, soft, inplace=True), inplace=True)
+        ctx.spec = spec
+        ctx.save_for_backward(x, weight, bias, *params)
+        return _run_branches(xw, branches, params) if branches else (xw,)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, weight, bias, *params = ctx.saved_tensors
+        groups, eps, threshold, soft, branches = ctx.spec
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_xw = need_x or (soft and (need_w or need_b))
+        n, c = x.shape[:2]
+        hw = math.prod(x.shape[2:])
+        # recompute GN (Eq. 1, same kernel -> same values), the gate (Eq. 3) and X^w (Eq. 4)
+        z, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hw, groups, eps)
+        reweight, informative = _gate(z, threshold, soft, inplace=True)
+        param_grads: list[torch.Tensor | None] = []
+        if branches:
+            xw = _reconstruct(x, reweight, informative, inplace=False)
+            pieces = []
+            for i, (b, grad) in enumerate(zip(branches, grads, strict=True)):
+                w, bb = params[2 * i], params[2 * i + 1]
+                inp = _branch_input(xw, b)
+                mask = [need_xw, ctx.needs_input_grad[4 + 2 * i],
+                        bb is not None and ctx.needs_input_grad[5 + 2 * i]]
+                gi, gw, gb = torch.ops.aten.convolution_backward(
+                    grad, inp, w, None if bb is None else [bb.shape[0]], [b.stride] * 2,
+                    [b.padding] * 2, [b.dilation] * 2, False, [0, 0], b.groups, mask)
+                if need_xw and b.pool > 1:
+                    gi = torch.ops.aten.avg_pool2d_backward(
+                        gi, xw[:, b.start:b.stop], [b.pool] * 2, [b.pool] * 2, [0, 0], True,
+                        True, None)
+                pieces.append(gi)
+                param_grads += [gw, gb]
+            g_xw = None
+            if need_xw:
+                g_xw = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        else:
+            g_xw = grads[0]
+        dx = gw = gb = None
+        if need_xw:
+            half = c // 2
+            g5 = g_xw.unflatten(1, (2, half))
+            m5 = informative.unflatten(1, (2, half))
+            if reweight is None:  # hard gate: dX = W1 dX^w + W2 roll(dX^w)
+                dx = torch.where(informative, g_xw, g_xw.roll(half, dims=1))
+            else:
+                # dS = dX^w_top + dX^w_bottom reaches W2 X on both halves
+                gs = g5.sum(1, keepdim=True)
+                r5 = reweight.unflatten(1, (2, half))
+                # dR = W2-part * X * dS, then through the sigmoid and GN (Eq. 1-3)
+                dr = (x.unflatten(1, (2, half)) * gs).masked_fill_(m5, 0.0).flatten(1, 2)
+                dz = torch.ops.aten.sigmoid_backward(dr, reweight)
+                gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+                    dz, x, mean, rstd, weight, n, c, hw, groups, [need_x, need_w, need_b])
+                if need_x:  # direct path: dX = W1 dX^w + W2 dS
+                    dx = torch.where(m5, g5, r5 * gs).flatten(1, 2).add_(gx)
+        return (dx if need_x else None, gw, gb, None, *param_grads)
+
+
+def _split(t: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """Channel slices to modify in place (one split op when autograd is not recording: it
+    forbids in-place writes to the outputs of a multi-view op)."""
+    if torch.is_grad_enabled():
+        return t[:, :sizes[0]], t[:, sizes[0]:]
+    return t.split(sizes, 1)
+
+
+def _fuse_terms(y1a, y1b, p2, x_low, *, modify_input: bool, keep_diff: bool):
+    """Eq. 7-9 from the pieces ``Y1 = y1a (+ y1b)`` and ``Y2 = [p2, x_low]`` (Eq. 5-6).
+
+    ``Y = beta1 Y1 + (1 - beta1) Y2 = Y2 + beta1 D`` with ``D = Y1 - Y2`` and
+    ``beta1 = sigmoid(GAP(Y1) - GAP(Y2)) = sigmoid(GAP(D))`` (Eq. 8's pairwise softmax).
+    No concatenation: Y2's two parts are subtracted / added on channel slices. Returns
+    ``(Y, D, beta1)``; ``D`` is overwritten by Y unless ``keep_diff``.
+    """
+    if y1b is None:
+        diff = y1a if modify_input else y1a.clone()
+    else:
+        diff = y1a.add_(y1b) if modify_input else y1a + y1b
+    sizes = None if p2 is None else [p2.shape[1], x_low.shape[1]]
+    if sizes:
+        d_p2, d_low = _split(diff, sizes)
+        d_p2.sub_(p2)
+        d_low.sub_(x_low)
+    else:
+        diff.sub_(x_low)
+    beta1 = diff.mean((2, 3), keepdim=True).sigmoid_()             # Eq. 7-8
+    y = diff * beta1 if keep_diff else diff.mul_(beta1)             # Eq. 9
+    if sizes:
+        y_p2, y_low = (d_p2, d_low) if y is diff else _split(y, sizes)
+        y_p2.add_(p2)
+        y_low.add_(x_low)
+    else:
+        y.add_(x_low)
+    return y, diff, beta1
+
+
+class _CRUFuse(torch.autograd.Function):
+    """Eq. 7-9 from ``(y1a, y1b or None, p2 or None, x_low)``; saves ``D = Y1 - Y2`` and beta1."""
+
+    @staticmethod
+    def forward(ctx, y1a, y1b, p2, x_low):
+        y, diff, beta1 = _fuse_terms(y1a, y1b, p2, x_low, modify_input=False, keep_diff=True)
+        ctx.save_for_backward(diff, beta1)
+        ctx.parts = (y1b is not None, 0 if p2 is None else p2.shape[1])
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        diff, beta1 = ctx.saved_tensors
+        has_y1b, c2 = ctx.parts
+        # dbeta1 = sum_HW(dY * D); through the sigmoid and the GAP (1 / HW per pixel)
+        dbeta = (grad * diff).sum((2, 3), keepdim=True)
+        ds = torch.ops.aten.sigmoid_backward(dbeta, beta1).div_(diff.shape[2] * diff.shape[3])
+        dy1 = torch.addcmul(ds, grad, beta1)                       # beta1 dY + dS / HW
+        dy2 = grad - dy1                                           # (1 - beta1) dY - dS / HW
+        dp2, dlow = dy2.split([c2, dy2.shape[1] - c2], 1) if c2 else (None, dy2)
+        return dy1, dy1 if has_y1b else None, dp2, dlow
+
+
+def _lean(module: nn.Module) -> bool:
+    """Use the memory-lean autograd Functions: training with autograd recording."""
+    return module.training and torch.is_grad_enabled()
 
 
 class SpatialReconstruction(nn.Module):
@@ -95,7 +310,13 @@ class SpatialReconstruction(nn.Module):
     it starts at C and could in principle approach 0 during training. Algebraically equivalent
     rewrites for speed: :math:`W_\gamma` is folded into GN's affine parameters (one fused
     ``group_norm`` call), the two gated products come from one sigmoid, and the cross-reconstruct
-    is ``X1 + roll(X2, C/2)``.
+    is ``[R > t] X + [S, S]`` with S the sum of the channel halves of ``W2 X`` (soft) or
+    ``X1 + roll(X2, C/2)`` (hard), bit-identical to the step-by-step form.
+
+    Memory: in training the unit runs as a custom autograd Function that saves only X (and
+    GN's two affine vectors); GN, the gate and X^w are recomputed in backward, giving the same
+    gradients as autograd through the steps above. :meth:`forward_then_convs` extends this to
+    the convs that read X^w (the SRU's k x k conv, the CRU's squeezes), so X^w is not kept either.
     """
 
     def __init__(
@@ -127,24 +348,37 @@ class SpatialReconstruction(nn.Module):
             self.gn.weight.requires_grad_(False)
             self.gn.bias.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def folded_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 2 folded into GN's affine (Eq. 1): ``W_gamma * GN(X)`` is a GroupNorm with weight
+        ``gamma * W_gamma`` and bias ``beta * W_gamma``, ``W_gamma = gamma / sum(gamma)``."""
         gamma, beta = self.gn.weight, self.gn.bias
-        # Eq. 2: W_gamma = gamma / sum(gamma), folded into GN's affine (Eq. 1): W_gamma * GN(X)
         w_gamma = gamma / gamma.sum()
-        z = F.group_norm(x, self.gn.num_groups, gamma * w_gamma, beta * w_gamma, self.gn.eps)
-        # Eq. 3: W = Gate(Sigmoid(z)); Eq. 4: X1 = W1 * X, X2 = W2 * X
-        if self.gate == "soft":
-            reweight = torch.sigmoid(z)
-            informative = reweight > self.gate_threshold
-            x_reweighted = reweight * x
-            x1 = torch.where(informative, x, x_reweighted)    # W1 = 1 above t, else R
-            x2 = x_reweighted.masked_fill(informative, 0.0)   # W2 = 0 above t, else R
-        else:
-            informative = z > math.log(self.gate_threshold / (1.0 - self.gate_threshold))
-            x1 = torch.where(informative, x, 0.0)             # W1 = [R > t]
-            x2 = x - x1                                       # W2 = 1 - W1
-        # Eq. 4 reconstruct: [X11 + X22, X21 + X12] == X1 + (X2 with its halves swapped)
-        return x1 + x2.roll(self.channels // 2, dims=1)
+        return gamma * w_gamma, beta * w_gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _lean(self):
+            return self.forward_then_convs(x, (), ())[0]
+        # Eq. 1-2: z = W_gamma * GN(X), one fused group_norm call
+        weight, bias = self.folded_affine()
+        z = F.group_norm(x, self.gn.num_groups, weight, bias, self.gn.eps)
+        # Eq. 3: gate R = Sigmoid(z) at t; Eq. 4: cross-reconstruct W1 X and W2 X
+        inplace = not torch.is_grad_enabled()
+        gate = _gate(z, self.gate_threshold, self.gate == "soft", inplace)
+        return _reconstruct(x, *gate, inplace=inplace)
+
+    def forward_then_convs(self, x: torch.Tensor, branches, params) -> tuple[torch.Tensor, ...]:
+        """``conv_i(X^w[:, start_i:stop_i])`` for each branch (see ``_Branch``), or ``(X^w,)``.
+
+        In training the SRU and the convs after it run as one autograd Function that keeps only
+        X for backward (X^w and the gate are recomputed); otherwise plain code.
+        """
+        if not _lean(self):
+            xw = self(x)
+            return _run_branches(xw, branches, params) if branches else (xw,)
+        weight, bias = self.folded_affine()
+        spec = (self.gn.num_groups, self.gn.eps, self.gate_threshold, self.gate == "soft",
+                tuple(branches))
+        return _SRUThenConvs.apply(x, weight, bias, spec, *params)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, gate={self.gate!r}, gate_threshold={self.gate_threshold}"
@@ -193,7 +427,19 @@ class SRU(nn.Module):
                               bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.sru(x))   # Sec. 2.1 then the host's k x k conv
+        # Sec. 2.1 then the host's k x k conv (one memory-lean Function in training)
+        conv = self.conv
+        branch = _Branch(0, self.in_channels, 1, self.stride, conv.padding[0], self.dilation)
+        return self.sru.forward_then_convs(x, (branch,), (conv.weight, conv.bias))[0]
+
+    @torch.no_grad()
+    def absorb_bn(self, bn: nn.BatchNorm2d) -> bool:
+        """Fold an eval-mode BN that follows this module into its k x k conv (exact: the conv is
+        the last, linear step). Called by :func:`leanconv.prepare_for_inference`."""
+        if bn.running_mean is None or bn.running_var is None:
+            return False
+        fold_bn(self.conv, bn)
+        return True
 
 
 @register_conv("cru")
@@ -308,8 +554,23 @@ class CRU(nn.Module):
         self.fused_upper: nn.Conv2d | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y1, y2 = self.transform(x)
-        return self.fuse(y1, y2)
+        return self.transform_fuse(*self.split_squeeze(x))
+
+    def transform_fuse(self, x_up: torch.Tensor, x_low: torch.Tensor) -> torch.Tensor:
+        """Transform (Eq. 5-6) and Fuse (Eq. 7-9) from the squeezed parts, without
+        concatenating Y2; in training the fusion keeps only D = Y1 - Y2 for backward."""
+        if self.fused_upper is not None:
+            y1a, y1b = self.fused_upper(x_up), None                      # Eq. 5, merged
+        else:
+            # Eq. 5: Y1 = GWC(X_up) + PWC1(X_up)   (the GWC carries the stride)
+            y1a, y1b = self.gwc(x_up), self.pwc1(downsample(x_up, self.stride))
+        # Eq. 6: Y2 = PWC2(X_low) U X_low   (feature reuse)
+        p2 = None if self.pwc2 is None else self.pwc2(x_low)
+        # Eq. 7-9: Y = beta1 Y1 + beta2 Y2
+        if _lean(self):
+            return _CRUFuse.apply(y1a, y1b, p2, x_low)
+        return _fuse_terms(y1a, y1b, p2, x_low, modify_input=True,
+                           keep_diff=torch.is_grad_enabled())[0]
 
     def transform(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split and Transform: return (Y1, Y2) of Eq. 5 and 6."""
@@ -328,17 +589,24 @@ class CRU(nn.Module):
 
         X_up stays at input size (the strided GWC reads it); X_low is already downsampled.
         """
-        up = self.up_channels
+        return self._squeezed(_run_branches(x, *self.squeeze_branches()))
+
+    def squeeze_branches(self) -> tuple[tuple[_Branch, ...], tuple]:
+        """The squeeze convs as ``(branches, params)`` for ``_run_branches`` or
+        :meth:`SpatialReconstruction.forward_then_convs`."""
+        up, c1 = self.up_channels, self.in_channels
         if self.stride == 1 and up == self.low_channels:
             # equal halves: both 1x1 squeezes as one 2-group conv (same weights, one dispatch)
             weight = torch.cat([self.squeeze_up.weight, self.squeeze_low.weight])
-            squeezed = F.conv2d(x, weight, groups=2)
-            up_sq = self.squeeze_up.out_channels
-            return squeezed[:, :up_sq], squeezed[:, up_sq:]
-        x_up = self.squeeze_up(x[:, :up])
+            return (_Branch(0, c1, groups=2),), (weight, None)
         # avg pooling commutes with a bias-free 1x1 conv: pool first, squeeze fewer pixels
-        x_low = self.squeeze_low(downsample(x[:, up:], self.stride))
-        return x_up, x_low
+        return ((_Branch(0, up), _Branch(up, c1, pool=self.stride)),
+                (self.squeeze_up.weight, None, self.squeeze_low.weight, None))
+
+    def _squeezed(self, outs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(outs) == 2:
+            return outs
+        return outs[0].split([self.squeeze_up.out_channels, self.squeeze_low.out_channels], 1)
 
     @staticmethod
     def _beta1(y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
@@ -450,7 +718,10 @@ class SCConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.order == "sc":
-            return self.cru(self.sru(x))         # X -> SRU -> X^w -> CRU -> Y (Sec. 2)
+            # X -> SRU -> X^w -> CRU -> Y (Sec. 2); the SRU and the CRU's squeeze run as one
+            # memory-lean step in training (X^w is recomputed in backward, not kept)
+            squeezed = self.sru.forward_then_convs(x, *self.cru.squeeze_branches())
+            return self.cru.transform_fuse(*self.cru._squeezed(squeezed))
         if self.order == "cs":
             return self.sru(self.cru(x))
         return self.cru(x) + downsample(self.sru(x), self.stride)
