@@ -76,6 +76,81 @@ def _widths(in_channels: int, compression_ratio: object) -> tuple[Fraction, int,
     return k, r, top, mid, bottom
 
 
+def _reconstruct(weights: torch.Tensor, x: torch.Tensor, width: int) -> torch.Tensor:
+    """Eq. 2 for every pathway at once: ``sum_j (w_p * X)^j`` over the chunks of ``width``.
+
+    ``weights`` (P, N, C, 1, 1) holds one channel-weight vector per pathway (w and/or flip(w)),
+    ``x`` is (N, C, H, W); returns (P, N, width, H, W). C not a multiple of ``width``: the
+    channel axis is zero-padded to whole chunks, so the C mod r leftovers add into the first
+    channels. One multiply and r - 1 in-place multiply-adds: no (P, N, C, H, W) temporary.
+    """
+    n, c, h, w_ = x.shape
+    chunks = -(-c // width)
+    if chunks * width != c:
+        x = F.pad(x, (0, 0, 0, 0, 0, chunks * width - c))
+        weights = F.pad(weights.view(-1, n, c), (0, chunks * width - c))
+    xs = x.view(n, chunks, width, h, w_).unbind(1)
+    ws = weights.reshape(-1, n, chunks, width, 1, 1).unbind(2)
+    recon = ws[0] * xs[0]
+    for wj, xj in zip(ws[1:], xs[1:], strict=True):
+        recon.addcmul_(wj, xj)
+    return recon
+
+
+class _ReconstructTransform(torch.autograd.Function):
+    """Reconstruct (Eq. 2) and the two convs reading it, with a lean backward (training).
+
+    Returns ``top_conv(X'_w)`` and ``bottom_reduce(X'_flip(w))``. Autograd would keep the
+    reconstructed maps (P x C/r channels, as large as X at r = 2) for the two convs' weight
+    gradients; this keeps only X (which the host network keeps anyway) and the channel weights,
+    and recomputes the reconstruction (one multiply-add per chunk) in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weights, w_top, w_red, top_args):
+        # top_args: (stride, padding, dilation, groups) of the top k x k conv
+        recon = _reconstruct(weights, x, w_top.shape[1] * top_args[3])
+        top = F.conv2d(recon[0], w_top, None, *top_args)
+        red = F.conv2d(recon[-1], w_red)
+        ctx.save_for_backward(x, weights, w_top, w_red)
+        ctx.top_args = top_args
+        return top, red
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_top, g_red):
+        x, weights, w_top, w_red = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.top_args
+        need = ctx.needs_input_grad
+        n, c, h, w_ = x.shape
+        width = w_top.shape[1] * groups
+        recon = _reconstruct(weights, x, width)
+        g_rt, gw_top, _ = torch.ops.aten.convolution_backward(
+            g_top, recon[0], w_top, None, [stride] * 2, [padding] * 2, [dilation] * 2, False,
+            [0, 0], groups, [True, need[2], False])
+        g_rb, gw_red, _ = torch.ops.aten.convolution_backward(
+            g_red, recon[-1], w_red, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [True, need[3], False])
+        del recon
+        # Pathway p's gradient g_p (N, width, H, W); one pathway (P = 1) feeds both convs.
+        g = torch.stack((g_rt, g_rb)) if weights.shape[0] == 2 else (g_rt + g_rb).unsqueeze(0)
+        chunks = -(-c // width)
+        if chunks * width != c:
+            x = F.pad(x, (0, 0, 0, 0, 0, chunks * width - c))
+            weights = F.pad(weights.view(-1, n, c), (0, chunks * width - c))
+        wv = weights.reshape(-1, n, chunks, width, 1, 1)
+        gx = gw = None
+        if need[0]:  # dX^j = sum_p w_p^j * g_p
+            gx = wv[0] * g[0].unsqueeze(1)
+            for p in range(1, wv.shape[0]):
+                gx.addcmul_(wv[p], g[p].unsqueeze(1))
+            gx = gx.view(n, chunks * width, h, w_)[:, :c]
+        if need[1]:  # dw_p^j = sum_hw X^j * g_p
+            gw = torch.einsum("nrthw,pnthw->pnrt", x.view(n, chunks, width, h, w_), g)
+            gw = gw.reshape(-1, n, chunks * width)[..., :c].reshape(-1, n, c, 1, 1)
+        return gx, gw, gw_top, gw_red, None
+
+
 class _PooledBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d of the SE's ``F_fc1`` on the pooled ``(N, C, 1, 1)`` map (Eq. 1).
 
@@ -259,8 +334,6 @@ class SlimConv(nn.Module):
         return top + bottom
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w_ = x.shape
-        r = self.chunks
         # Reconstruct, Eq. 1: channel weights w from the modified SE module.
         z = x.mean((2, 3), keepdim=True)
         w = torch.sigmoid(self.fc2(F.relu(self.fc1_bn(self.fc1(z)))))
@@ -271,22 +344,18 @@ class SlimConv(nn.Module):
             weights = w.unsqueeze(0)
         else:
             weights = w.flip(1).unsqueeze(0)
-        # Eq. 2: re-weight and sum the r chunks, both pathways in one multiply and one sum:
-        # (P, N, r, C/r, 1, 1) * (N, r, C/r, H, W) -> sum over r -> (P, N, C/r, H, W).
-        top_width = self.top_conv.in_channels  # C // r
-        if c == r * top_width:
-            recon = (weights.view(-1, n, r, top_width, 1, 1)
-                     * x.reshape(n, r, top_width, h, w_)).sum(2)
+        # Eq. 2 + Transform: re-weight and sum the r chunks (both pathways at once), then the
+        # top k x k conv and the bottom 1x1 (halving); in training through _ReconstructTransform,
+        # which recomputes the reconstruction in backward instead of keeping it.
+        if self.training and torch.is_grad_enabled() and self.top_conv.bias is None:
+            top_args = (self.stride, self.padding, self.dilation, self.groups)
+            top, reduced = _ReconstructTransform.apply(x, weights, self.top_conv.weight,
+                                                       self.bottom_reduce.weight, top_args)
         else:
-            # C mod r leftover channels: zero-pad the channel axis to whole chunks of C // r and
-            # sum them all, so the leftovers add into the first channels instead of being lost.
-            chunks = -(-c // top_width)
-            wx = F.pad(weights.view(-1, n, c, 1, 1) * x, (0, 0, 0, 0, 0, chunks * top_width - c))
-            recon = wx.view(-1, n, chunks, top_width, h, w_).sum(2)
-        x_top, x_bottom = recon[0], recon[-1]
-        # Transform: top k x k conv; bottom 1x1 (halving) + BN + ReLU, then k x k conv.
-        top = self.top_conv(x_top)
-        bottom = self.bottom_conv(F.relu(self.bottom_reduce_bn(self.bottom_reduce(x_bottom))))
+            recon = _reconstruct(weights, x, self.top_conv.in_channels)
+            top, reduced = self.top_conv(recon[0]), self.bottom_reduce(recon[-1])
+        # Transform, bottom: BN + ReLU after the 1x1, then the k x k conv.
+        bottom = self.bottom_conv(F.relu(self.bottom_reduce_bn(reduced)))
         # Fuse: concatenate (top first), then the BN of each transform, per channel.
         y = self.bn(torch.cat((top, bottom), 1))
         if self.bias is not None:
