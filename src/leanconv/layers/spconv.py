@@ -282,14 +282,14 @@ class SPConv(nn.Module):
             return self._forward_merged(x)
         # Eq. 2: split the input channels into the representative and the redundant part.
         c3, c1 = self.rep_channels, self.red_channels
-        # The 1x1 paths see the input pooled to the output size; pooled once for both parts.
-        if c1:
-            xp = downsample(x, self.stride)
-            xp_rep, xp_red = xp[:, :c3], xp[:, c3:c3 + c1]
-        elif self.representative == "gwc+pwc":
-            xp_rep = downsample(x[:, :c3], self.stride)
+        x_rep = x[:, :c3]  # a view: convolutions read channel slices without a copy
+        # The 1x1 paths see the input pooled to the output size (pooled once for both parts).
+        xp, xp_rep = x, x_rep
+        if self.stride > 1 and (c1 or self.representative == "gwc+pwc"):
+            xp = downsample(x if c1 else x_rep, self.stride)
+            xp_rep = xp[:, :c3]
         # Eq. 3: representative part, k x k GWC and PWC summed (or the P20 / P22 variants).
-        z3 = self.conv_kxk(x[:, :c3])
+        z3 = self.conv_kxk(x_rep)
         if self.representative == "gwc+pwc":
             z3 = z3.add_(self.pwc(xp_rep))  # in place: a conv does not keep its output
         elif self.representative == "gwc-then-pwc":
@@ -300,13 +300,13 @@ class SPConv(nn.Module):
             # Training: the same maths with a lean backward (_LeanFusion): Eq. 2 right term,
             # both BNs and Eq. 4-6, keeping only Z3 for backward.
             _check_batch_stats(z3)
-            y = _LeanFusion.apply(z3, xp_red, self.pwc_red.weight, self.bn_rep.weight,
+            y = _LeanFusion.apply(z3, xp[:, c3:c3 + c1], self.pwc_red.weight, self.bn_rep.weight,
                                   self.bn_rep.bias, self.bn_red.weight, self.bn_red.bias,
                                   _bn_train_args(self.bn_rep), _bn_train_args(self.bn_red))
             return self._add_bias(y)
         # Redundant part: 1x1 conv on the remaining channels.
         u3 = self.bn_rep(z3)
-        u1 = self.bn_red(self.pwc_red(xp_red))
+        u1 = self.bn_red(self.pwc_red(xp[:, c3:c3 + c1]))
         return self._add_bias(self._fuse(u3, u1))
 
     def _fuse(self, u3: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
