@@ -384,6 +384,28 @@ class SlimConv(nn.Module):
         self.bias = None
         return self
 
+    @torch.no_grad()
+    def absorb_bn(self, bn: nn.Module) -> bool:
+        """Fold an eval-mode BN applied to this module's output into it, in place.
+
+        Called by :func:`leanconv.prepare_for_inference` when a host network keeps a BN after
+        SlimConv (the paper's build removes it). The output ``[T, B]`` is linear per channel
+        after :meth:`fuse_for_inference` (run first), so ``a * Y + b`` goes into the top and
+        the bottom k x k convs' weights and biases. Returns ``False`` (nothing changed) for
+        anything but a ``BatchNorm2d`` with running statistics over ``out_channels`` channels.
+        """
+        if not (isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
+                and bn.running_var is not None and bn.num_features == self.out_channels):
+            return False
+        self.fuse_for_inference()
+        scale, shift = bn_scale_shift(bn)
+        top = self.top_conv.out_channels
+        for conv, a, b in ((self.top_conv, scale[:top], shift[:top]),
+                           (self.bottom_conv, scale[top:], shift[top:])):
+            conv.weight.mul_(a.view(-1, 1, 1, 1))
+            conv.bias.mul_(a).add_(b)
+        return True
+
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"stride={self.stride}, compression_ratio={self.compression_ratio}")
