@@ -328,3 +328,126 @@ def test_channels_too_small_for_depth_raise():
         compconv_layout(16, 128, 3, "random")
     # P = 10, slab 3P = 30, X_A0 = 40 - (140 - 128) = 28
     assert compconv_layout(16, 128, 3, "conv") == (10, 30, 28)
+
+
+# ------------------------------------------------------- lean assembly and BN absorption (issue 6)
+def old_forward(conv, x):
+    """The module's forward before the lean rewrite: concatenate, then shuffle, then bias."""
+    slab = conv._identity_parts(x) if conv.identity_channels else None
+    result = conv.prim_conv(x)
+    intermediate, start = [], 0
+    for j, level in enumerate(conv.level_convs):
+        width = conv.prim_channels << j
+        unit = torch.cat([slab[:, start:start + width], result], dim=1)
+        start += width
+        intermediate.append(unit)
+        result = level(unit)
+    parts = [result, *intermediate]
+    if conv.tail_conv is not None:
+        parts.insert(0, conv.tail_conv(result[:, : conv.tail_channels]))
+    out = torch.cat(parts, dim=1)
+    if conv.shuffle:
+        out = (channel_shuffle(out, 4) if conv.out_channels % 4 == 0
+               else out[:, shuffle_order(conv.out_channels)])
+    return out if conv.bias is None else out + conv.bias.view(1, -1, 1, 1)
+
+
+LEAN_CASES = [  # (cin, cout, kwargs)
+    (16, 16, dict()),                                   # d = 1, 4 aligned shuffle groups
+    (16, 32, dict(stride=2, bias=True)),
+    (64, 64, dict(depth=2)),                            # groups spanning two parts
+    (40, 50, dict(depth=3, dilation=2)),                # index shuffle (50 % 4 != 0)
+    (128, 128, dict(depth=3, identity="group")),
+    (24, 40, dict(depth=2, stride=2, identity="conv", bias=True)),
+    (16, 10, dict(shuffle=False)),
+]
+
+
+@pytest.mark.parametrize("cin,cout,kwargs", LEAN_CASES)
+def test_lean_forward_and_gradients_equal_concat_then_shuffle(cin, cout, kwargs):
+    torch.manual_seed(0)
+    conv = CompConv(cin, cout, **kwargs).train()
+    if conv.bias is not None:
+        torch.nn.init.normal_(conv.bias)
+    x = torch.randn(2, cin, 9, 9)
+    g = torch.randn(2, cout, *conv(x).shape[2:])
+    results = []
+    for fn in (conv, lambda t: old_forward(conv, t)):
+        xi = x.clone().requires_grad_(True)
+        conv.zero_grad(set_to_none=True)
+        y = fn(xi)
+        (y * g).sum().backward()
+        results.append((y.detach(), xi.grad, [p.grad for p in conv.parameters()]))
+    (y, gx, gp), (y_ref, gx_ref, gp_ref) = results
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gp, gp_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_aligned_shuffle_is_one_stack_without_concatenation():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    conv, x = CompConv(16, 16).eval(), torch.randn(2, 16, 8, 8)
+    with torch.no_grad(), Ops() as ops:
+        conv(x)
+    # before: 2 convs, alias, cat, view, transpose, clone, _unsafe_view (two full copies)
+    assert sorted(ops.names) == sorted(["convolution"] * 2 + ["slice"] * 4 + ["stack", "view"])
+
+
+def random_bn(channels):
+    bn = torch.nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    return bn.eval()
+
+
+@pytest.mark.parametrize("cin,cout,kwargs", LEAN_CASES)
+def test_absorb_bn_is_exact(cin, cout, kwargs):
+    torch.manual_seed(0)
+    conv = CompConv(cin, cout, **kwargs).eval()
+    if conv.bias is not None:
+        torch.nn.init.normal_(conv.bias)
+    bn = random_bn(cout)
+    x = torch.randn(2, cin, 9, 9)
+    with torch.no_grad():
+        expected = bn(conv(x))
+        assert conv.absorb_bn(bn)
+        y = conv(x)
+    assert conv.bias is None and conv.part_scale is not None
+    scale = expected.abs().max()
+    assert (y - expected).abs().max() <= 1e-5 * scale
+    assert not conv.absorb_bn(bn)  # only once
+
+
+def test_prepared_resnet_with_compconv_matches():
+    import leanconv
+    from leanconv.inference import max_abs_diff
+
+    torch.manual_seed(0)
+    model = leanconv.create_model("resnet20", conv="compconv", num_classes=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    model.eval()
+    fast = leanconv.prepare_for_inference(model)
+    n_absorbed = sum(m.part_scale is not None for m in fast.modules() if isinstance(m, CompConv))
+    assert n_absorbed == sum(isinstance(m, CompConv) for m in model.modules()) > 0
+    x = torch.randn(2, 3, 32, 32)
+    assert max_abs_diff(model, fast, x, relative=True) < 1e-5

@@ -138,3 +138,72 @@ def test_invalid_configs_raise(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         GhostConv(**args)
+
+
+# ---------------------------------------------------------------- BN absorption (issue 6)
+@pytest.mark.parametrize("cin,cout,kwargs", [
+    (16, 16, dict()),
+    (16, 32, dict(stride=2, bias=True)),
+    (8, 17, dict(ratio=3, dw_kernel_size=5)),   # truncation: discarded ghosts, odd widths
+    (16, 24, dict(ratio=4, dilation=2)),
+])
+def test_absorb_bn_is_exact(cin, cout, kwargs):
+    torch.manual_seed(0)
+    conv = GhostConv(cin, cout, **kwargs).eval()
+    if conv.bias is not None:
+        torch.nn.init.normal_(conv.bias)
+    bn = torch.nn.BatchNorm2d(cout)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.weight[0] = 0.0  # zero-initialised residual BNs have scale 0: still exact
+        bn.bias.normal_()
+    bn.eval()
+    x = torch.randn(2, cin, 9, 9)
+    with torch.no_grad():
+        expected = bn(conv(x))
+        assert conv.absorb_bn(bn)
+        y = conv(x)
+    assert conv.bias is None and conv.cheap.bias is not None
+    assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert not conv.absorb_bn(bn)
+
+
+def test_prepared_resnet_with_ghost_matches():
+    import leanconv
+    from leanconv.inference import max_abs_diff
+
+    torch.manual_seed(0)
+    model = leanconv.create_model("resnet20", conv="ghost", num_classes=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    model.eval()
+    fast = leanconv.prepare_for_inference(model)
+    ghosts = [m for m in fast.modules() if isinstance(m, GhostConv)]
+    assert ghosts and all(m.intrinsic_scale is not None for m in ghosts)
+    x = torch.randn(2, 3, 32, 32)
+    assert max_abs_diff(model, fast, x, relative=True) < 1e-5
+
+
+def test_no_slice_when_every_intrinsic_map_feeds_a_ghost():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    conv, x = GhostConv(16, 16), torch.randn(1, 16, 8, 8)
+    with torch.no_grad(), Ops() as ops:
+        conv(x)
+    assert sorted(ops.names) == ["cat", "convolution", "convolution"]

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ._utils import (
+    bn_scale_shift,
     channel_shuffle,
     check_choice,
     check_conv_args,
@@ -257,6 +258,18 @@ class CompConv(nn.Module):
         if shuffle and out_channels % SHUFFLE_GROUPS:
             order = _to(_shuffle_order(out_channels), device)
         self.register_buffer("shuffle_index", order, persistent=False)
+        # Concatenation order of the parts: X_A0, X_B0, B_1, ..., B_(d-1).
+        widths = [tail_channels, prim << (depth - 1)] + [prim << j for j in range(1, depth)]
+        self._part_widths = tuple(w for w in widths if w)
+        # Shuffle with 4 | C_out: the shuffled output viewed as (N, C_out/4, 4, H, W) holds
+        # concatenated channel g * C_out/4 + k at [:, k, g], so one torch.stack of the 4 groups
+        # (each a slice of one part, or rarely of two) writes the shuffled result directly.
+        self._shuffle_groups = (_group_segments(self._part_widths, SHUFFLE_GROUPS)
+                                if shuffle and order is None else None)
+        # Set by absorb_bn: a per-channel affine (a BN folded in) on every part but X_A0, whose
+        # depthwise conv absorbs it in its weights and bias instead.
+        self.register_buffer("part_scale", None)
+        self.register_buffer("part_shift", None)
 
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_channels, **factory))
@@ -311,18 +324,64 @@ class CompConv(nn.Module):
         # Tailing channels (Sec. 3.3): X_B0 = P_(d-1), X_A0 = depthwise conv of X_B0, computed
         # only for the channels kept after truncation to C_out (Sec. 3.4).
         parts = [result, *intermediate]
+        if self.part_scale is not None:  # a BN absorbed by absorb_bn (X_A0 took it in its conv)
+            parts = [torch.addcmul(shift, part, scale) for part, scale, shift in zip(
+                parts, self.part_scale.split(self._part_widths[-len(parts):], 1),
+                self.part_shift.split(self._part_widths[-len(parts):], 1), strict=True)]
         if self.tail_conv is not None:
-            parts.insert(0, self.tail_conv(result[:, : self.tail_channels]))
-        # Integrate all recursive results (Sec. 3.3), then shuffle in 4 groups (Sec. 4.2).
-        out = torch.cat(parts, dim=1)
-        if self.shuffle:
+            tail = self.tail_channels
+            parts.insert(0, self.tail_conv(result if tail == result.shape[1] else result[:, :tail]))
+        # Integrate all recursive results (Sec. 3.3), then shuffle in 4 groups (Sec. 4.2):
+        # one copy into the shuffled order (no concatenated intermediate).
+        if self._shuffle_groups is not None:
+            groups = [_gather(parts, segments) for segments in self._shuffle_groups]
+            out = torch.stack(groups, dim=2).flatten(1, 2)
+        else:
+            out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             if self.shuffle_index is not None:
                 out = out.index_select(1, self.shuffle_index)
-            else:
-                out = channel_shuffle(out, SHUFFLE_GROUPS)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out
+
+    @torch.no_grad()
+    def absorb_bn(self, bn: nn.BatchNorm2d) -> bool:
+        """Fold an eval-mode BN that follows this module into it (for inference).
+
+        The module is linear, but only X_A0's depthwise conv feeds nothing else: it takes the
+        BN's scale and shift into its weight and bias exactly. X_B0 and the B_j also feed the
+        next level's conv (and the A_j are input channels), so they keep their values and get
+        the BN as one per-channel affine (``torch.addcmul``) before the shuffle copy; a
+        ``bias`` of the module is folded into that shift. Exact up to float rounding; returns
+        True. Called by :func:`leanconv.prepare_for_inference`.
+        """
+        if bn.running_mean is None or bn.running_var is None or self.part_scale is not None:
+            return False
+        scale, shift = bn_scale_shift(bn)
+        if self.bias is not None:
+            shift = shift + scale * self.bias
+        # BN channels are output (shuffled) channels; parts are in concatenation order.
+        order = self._concat_to_output()
+        scale, shift = scale[order], shift[order]
+        tail = self.tail_channels
+        if self.tail_conv is not None:
+            conv = self.tail_conv
+            conv.weight.mul_(scale[:tail].view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(shift[:tail].clone())
+        self.part_scale = scale[tail:].view(1, -1, 1, 1).clone()
+        self.part_shift = shift[tail:].view(1, -1, 1, 1).clone()
+        self.bias = None
+        return True
+
+    def _concat_to_output(self) -> torch.Tensor:
+        """Output channel of each concatenated channel (the shuffle's inverse permutation)."""
+        channels = self.out_channels
+        if not self.shuffle:
+            return torch.arange(channels)
+        if self.shuffle_index is not None:
+            return torch.argsort(self.shuffle_index.cpu())
+        return channel_shuffle(torch.arange(channels).view(1, channels, 1, 1),
+                               SHUFFLE_GROUPS).view(-1).argsort()
 
     def extra_repr(self) -> str:
         return (
@@ -342,6 +401,31 @@ def _shuffle_order(channels: int, groups: int = SHUFFLE_GROUPS) -> torch.Tensor:
     size = -(-channels // groups)
     grid = torch.arange(groups * size, device="cpu").view(groups, size).t().reshape(-1)
     return grid[grid < channels]
+
+
+_Segments = tuple[tuple[int, int, int], ...]  # (part, start, stop) slices
+
+
+def _group_segments(widths: tuple[int, ...], groups: int) -> tuple[_Segments, ...]:
+    """Cut the concatenation of parts of the given widths into ``groups`` equal channel groups:
+    for each group the ``(part, start, stop)`` slices (part-local channels) that make it up."""
+    size = sum(widths) // groups
+    bounds, start = [], 0
+    for i, w in enumerate(widths):
+        bounds.append((i, start, start + w))
+        start += w
+    plan = []
+    for g in range(groups):
+        lo, hi = g * size, (g + 1) * size
+        plan.append(tuple((i, max(lo, a) - a, min(hi, b) - a) for i, a, b in bounds
+                          if a < hi and b > lo))
+    return tuple(plan)
+
+
+def _gather(parts: list[torch.Tensor], segments) -> torch.Tensor:
+    """One shuffle group: a slice of one part (a view), or the concatenation of a few slices."""
+    views = [parts[i] if b - a == parts[i].shape[1] else parts[i][:, a:b] for i, a, b in segments]
+    return views[0] if len(views) == 1 else torch.cat(views, dim=1)
 
 
 def _to(index: torch.Tensor | None, device) -> torch.Tensor | None:

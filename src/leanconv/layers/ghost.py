@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ._utils import check_conv_args, check_positive_int, same_padding
+from ._utils import bn_scale_shift, check_conv_args, check_positive_int, same_padding
 from .registry import register_conv
 
 __all__ = ["GhostConv"]
@@ -104,17 +104,53 @@ class GhostConv(nn.Module):
             bias=False, **fk,
         )
         self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
+        # Set by absorb_bn: the folded BN's scale and shift for the intrinsic maps.
+        self.register_buffer("intrinsic_scale", None)
+        self.register_buffer("intrinsic_shift", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Eq. 2: intrinsic feature maps from the primary convolution.
         intrinsic = self.primary(x)
         # Eq. 3: s - 1 ghost maps per intrinsic map by a cheap depthwise convolution.
-        ghosts = self.cheap(intrinsic[:, :self.cheap_inputs])
+        cheap_in = intrinsic
+        if self.cheap_inputs != self.intrinsic_channels:
+            cheap_in = intrinsic[:, :self.cheap_inputs]
+        ghosts = self.cheap(cheap_in)
         if self.cheap.out_channels != self.ghost_channels:  # only if s > 2
             ghosts = ghosts[:, :self.ghost_channels]
+        if self.intrinsic_scale is not None:  # a BN absorbed by absorb_bn
+            intrinsic = torch.addcmul(self.intrinsic_shift, intrinsic, self.intrinsic_scale)
         # Identity + ghosts, truncated to out_channels.
         y = torch.cat([intrinsic, ghosts], dim=1)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def absorb_bn(self, bn: nn.BatchNorm2d) -> bool:
+        """Fold an eval-mode BN that follows this module into it (for inference).
+
+        The ghost maps come only from the cheap conv, which takes the BN's scale and shift into
+        its weight and bias exactly. The intrinsic maps also feed the cheap conv, so the primary
+        conv keeps its weights and the intrinsic maps get the BN as one per-channel affine
+        (``torch.addcmul``, the cheap conv reading the unscaled maps); a ``bias`` of the module
+        is folded into the shifts. This replaces a full pass of the BN by a pass over the m
+        intrinsic channels. Returns True; called by :func:`leanconv.prepare_for_inference`.
+        """
+        if bn.running_mean is None or bn.running_var is None or self.intrinsic_scale is not None:
+            return False
+        scale, shift = bn_scale_shift(bn)
+        if self.bias is not None:
+            shift = shift + scale * self.bias
+        m, ghosts, cheap = self.intrinsic_channels, self.ghost_channels, self.cheap
+        weight_scale = torch.ones(cheap.out_channels, dtype=scale.dtype, device=scale.device)
+        weight_scale[:ghosts] = scale[m:]
+        cheap.weight.mul_(weight_scale.view(-1, 1, 1, 1).to(cheap.weight.dtype))
+        bias = torch.zeros_like(weight_scale)
+        bias[:ghosts] = shift[m:]
+        cheap.bias = nn.Parameter(bias.to(cheap.weight.dtype))
+        self.intrinsic_scale = scale[:m].view(1, -1, 1, 1).clone()
+        self.intrinsic_shift = shift[:m].view(1, -1, 1, 1).clone()
+        self.bias = None
+        return True
 
     def extra_repr(self) -> str:
         return (
