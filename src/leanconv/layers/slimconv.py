@@ -84,13 +84,11 @@ def _reconstruct(weights: torch.Tensor, x: torch.Tensor, width: int) -> torch.Te
     channel axis is zero-padded to whole chunks, so the C mod r leftovers add into the first
     channels. One multiply and r - 1 in-place multiply-adds: no (P, N, C, H, W) temporary.
     """
-    n, c, h, w_ = x.shape
-    chunks = -(-c // width)
-    if chunks * width != c:
-        x = F.pad(x, (0, 0, 0, 0, 0, chunks * width - c))
-        weights = F.pad(weights.view(-1, n, c), (0, chunks * width - c))
-    xs = x.view(n, chunks, width, h, w_).unbind(1)
-    ws = weights.reshape(-1, n, chunks, width, 1, 1).unbind(2)
+    pad = -x.shape[1] % width
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        weights = F.pad(weights, (0, 0, 0, 0, 0, pad))
+    xs, ws = x.split(width, 1), weights.split(width, 2)
     recon = ws[0] * xs[0]
     for wj, xj in zip(ws[1:], xs[1:], strict=True):
         recon.addcmul_(wj, xj)
@@ -109,7 +107,7 @@ class _ReconstructTransform(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, w_top, w_red, top_args):
         # top_args: (stride, padding, dilation, groups) of the top k x k conv
-        recon = _reconstruct(weights, x, w_top.shape[1] * top_args[3])
+        recon = _reconstruct(weights, x, w_top.shape[1] * top_args[3]).unbind(0)
         top = F.conv2d(recon[0], w_top, None, *top_args)
         red = F.conv2d(recon[-1], w_red)
         ctx.save_for_backward(x, weights, w_top, w_red)
@@ -124,7 +122,7 @@ class _ReconstructTransform(torch.autograd.Function):
         need = ctx.needs_input_grad
         n, c, h, w_ = x.shape
         width = w_top.shape[1] * groups
-        recon = _reconstruct(weights, x, width)
+        recon = _reconstruct(weights, x, width).unbind(0)
         g_rt, gw_top, _ = torch.ops.aten.convolution_backward(
             g_top, recon[0], w_top, None, [stride] * 2, [padding] * 2, [dilation] * 2, False,
             [0, 0], groups, [True, need[2], False])
@@ -137,7 +135,7 @@ class _ReconstructTransform(torch.autograd.Function):
         chunks = -(-c // width)
         if chunks * width != c:
             x = F.pad(x, (0, 0, 0, 0, 0, chunks * width - c))
-            weights = F.pad(weights.view(-1, n, c), (0, chunks * width - c))
+            weights = F.pad(weights, (0, 0, 0, 0, 0, chunks * width - c))
         wv = weights.reshape(-1, n, chunks, width, 1, 1)
         gx = gw = None
         if need[0]:  # dX^j = sum_p w_p^j * g_p
@@ -352,7 +350,7 @@ class SlimConv(nn.Module):
             top, reduced = _ReconstructTransform.apply(x, weights, self.top_conv.weight,
                                                        self.bottom_reduce.weight, top_args)
         else:
-            recon = _reconstruct(weights, x, self.top_conv.in_channels)
+            recon = _reconstruct(weights, x, self.top_conv.in_channels).unbind(0)
             top, reduced = self.top_conv(recon[0]), self.bottom_reduce(recon[-1])
         # Transform, bottom: BN + ReLU after the 1x1, then the k x k conv.
         bottom = self.bottom_conv(F.relu(self.bottom_reduce_bn(reduced)))
