@@ -219,3 +219,31 @@ def test_sru_absorbs_following_bn():
     x = torch.randn(2, 16, 9, 9)
     with torch.no_grad():
         assert_rel_close(fast(x), net(x))
+
+
+def count_ops(module, x):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Ops():
+        module(x)
+    return Ops.n
+
+
+def test_prepared_scconv_computes_once_what_is_fixed():
+    from leanconv import prepare_for_inference
+
+    m = randomise(SCConv(16, 16)).eval()
+    x = torch.randn(2, 16, 8, 8)
+    fast = prepare_for_inference(m)
+    assert fast.sru.folded_weight is not None and fast.cru.squeeze_weight is not None
+    with torch.no_grad():
+        assert_rel_close(fast(x), ref_forward(m, x))
+    # folded GN affine (4 ops), squeeze weight cat (1), GWC + PWC1 merged (conv + add)
+    assert count_ops(fast, x) == count_ops(m, x) - 7

@@ -347,10 +347,15 @@ class SpatialReconstruction(nn.Module):
             # Binary masks: GN's affine parameters only reach a step function -> no gradient.
             self.gn.weight.requires_grad_(False)
             self.gn.bias.requires_grad_(False)
+        # set by fuse_for_inference: the folded affine below, computed once
+        self.register_buffer("folded_weight", None, persistent=False)
+        self.register_buffer("folded_bias", None, persistent=False)
 
     def folded_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 2 folded into GN's affine (Eq. 1): ``W_gamma * GN(X)`` is a GroupNorm with weight
         ``gamma * W_gamma`` and bias ``beta * W_gamma``, ``W_gamma = gamma / sum(gamma)``."""
+        if self.folded_weight is not None:
+            return self.folded_weight, self.folded_bias
         gamma, beta = self.gn.weight, self.gn.bias
         w_gamma = gamma / gamma.sum()
         return gamma * w_gamma, beta * w_gamma
@@ -365,6 +370,15 @@ class SpatialReconstruction(nn.Module):
         inplace = not torch.is_grad_enabled()
         gate = _gate(z, self.gate_threshold, self.gate == "soft", inplace)
         return _reconstruct(x, *gate, inplace=inplace)
+
+    @torch.no_grad()
+    def fuse_for_inference(self) -> SpatialReconstruction:
+        """Compute the folded GN affine (Eq. 2) once instead of at every call (4 small ops);
+        GN itself stays (it normalises with per-sample statistics). Inference only after this:
+        later changes to ``gn.weight`` / ``gn.bias`` are not seen."""
+        weight, bias = self.folded_affine()
+        self.folded_weight, self.folded_bias = weight.clone(), bias.clone()
+        return self
 
     def forward_then_convs(self, x: torch.Tensor, branches, params) -> tuple[torch.Tensor, ...]:
         """``conv_i(X^w[:, start_i:stop_i])`` for each branch (see ``_Branch``), or ``(X^w,)``.
@@ -550,8 +564,10 @@ class CRU(nn.Module):
         # out_channels == l_s: PWC2 would have no output channel; Y2 is the reused X_low alone.
         self.pwc2 = (nn.Conv2d(low_sq, out_channels - low_sq, 1, bias=False, **dd)
                      if out_channels > low_sq else None)
-        # set by fuse_for_inference: GWC + PWC1 merged into one k x k conv
+        # set by fuse_for_inference: GWC + PWC1 merged into one k x k conv, and the two squeeze
+        # weights concatenated once for the 2-group squeeze conv
         self.fused_upper: nn.Conv2d | None = None
+        self.register_buffer("squeeze_weight", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.transform_fuse(*self.split_squeeze(x))
@@ -597,7 +613,9 @@ class CRU(nn.Module):
         up, c1 = self.up_channels, self.in_channels
         if self.stride == 1 and up == self.low_channels:
             # equal halves: both 1x1 squeezes as one 2-group conv (same weights, one dispatch)
-            weight = torch.cat([self.squeeze_up.weight, self.squeeze_low.weight])
+            weight = self.squeeze_weight
+            if weight is None:
+                weight = torch.cat([self.squeeze_up.weight, self.squeeze_low.weight])
             return (_Branch(0, c1, groups=2),), (weight, None)
         # avg pooling commutes with a bias-free 1x1 conv: pool first, squeeze fewer pixels
         return ((_Branch(0, up), _Branch(up, c1, pool=self.stride)),
@@ -632,10 +650,13 @@ class CRU(nn.Module):
         The grouped GWC weight is expanded to all input channels (zeros outside each group's
         block) and the PWC1 weight is added to its centre tap: exact up to float rounding. At
         stride 2 PWC1 reads average-pooled inputs, which no single strided conv reproduces on odd
-        sizes, so nothing is merged. After fusing, the module is meant for inference only.
+        sizes, so nothing is merged. The 2-group squeeze weight (stride 1, even split) is also
+        concatenated once here. After fusing, the module is meant for inference only.
         """
         if self.stride != 1 or self.fused_upper is not None:
             return self
+        if self.up_channels == self.low_channels:
+            self.squeeze_weight = torch.cat([self.squeeze_up.weight, self.squeeze_low.weight])
         gwc, pwc1 = self.gwc, self.pwc1
         g, k, c_out, c_in = self.gwc_groups, self.kernel_size, gwc.out_channels, gwc.in_channels
         # (C2, c_in/g, k, k) grouped -> (g, C2/g, g, c_in/g, k, k) block-diagonal dense
@@ -727,7 +748,9 @@ class SCConv(nn.Module):
         return self.cru(x) + downsample(self.sru(x), self.stride)
 
     def fuse_for_inference(self) -> SCConv:
-        """Merge the CRU's GWC + PWC1 (see :meth:`CRU.fuse_for_inference`); the SRU has nothing
-        to fold (GN normalises with per-sample statistics)."""
+        """Merge the CRU's GWC + PWC1 (see :meth:`CRU.fuse_for_inference`) and fold the SRU's
+        W_gamma into GN's affine once (:meth:`SpatialReconstruction.fuse_for_inference`); GN
+        itself stays (it normalises with per-sample statistics)."""
+        self.sru.fuse_for_inference()
         self.cru.fuse_for_inference()
         return self
