@@ -110,22 +110,21 @@ def _gate(z: torch.Tensor, threshold: float, soft: bool, inplace: bool):
 
 def _reconstruct(x: torch.Tensor, reweight: torch.Tensor | None, informative: torch.Tensor,
                  inplace: bool) -> torch.Tensor:
-    """Eq. 4: ``X^w = [X^w_11 + X^w_22, X^w_21 + X^w_12]`` from the gate.
+    """Eq. 4: ``X^w = [X^w_11 + X^w_22, X^w_21 + X^w_12] = X1 + roll(X2, C/2)`` from the gate.
 
-    Soft gate: W1 = W2 + [R > t], so ``X^w = [R > t] * X + [S, S]`` with ``S`` the sum of the two
-    channel halves of ``W2 X``: a half-width sum broadcast over both halves instead of a roll.
-    Hard gate: ``X1 = [R > t] X``, ``X2 = X - X1`` and ``X^w = X1 + roll(X2, C/2)``.
-    Bit-identical to the step-by-step form (only zeros are added). ``inplace`` may overwrite
+    Soft: ``X1 = where(R > t, X, R X)``, ``X2 = R X`` zeroed where ``R > t``; hard: ``X1 = [R > t]
+    X``, ``X2 = X - X1`` (the same values as ``X`` with ``X1``'s entries zeroed). ``X2`` is built
+    in place in ``R X`` and the sum in place in ``X1``; ``inplace`` may also overwrite
     ``reweight`` (when it is not needed any more).
     """
-    half = x.shape[1] // 2
-    out = torch.where(informative, x, 0.0)                         # [R > t] * X  (= X1, hard)
     if reweight is None:
-        return out.add_(x.masked_fill(informative, 0.0).roll(half, dims=1))
-    x2 = reweight.mul_(x) if inplace else reweight * x             # R * X
-    x2.masked_fill_(informative, 0.0)                              # W2 * X
-    out.unflatten(1, (2, half)).add_(x2.unflatten(1, (2, half)).sum(1, keepdim=True))
-    return out
+        x1 = torch.where(informative, x, 0.0)                      # W1 = [R > t]
+        x2 = x.masked_fill(informative, 0.0)                       # W2 = 1 - W1
+    else:
+        x_rw = reweight.mul_(x) if inplace else reweight * x       # R * X
+        x1 = torch.where(informative, x, x_rw)                     # W1 = 1 above t, else R
+        x2 = x_rw.masked_fill_(informative, 0.0)                   # W2 = 0 above t, else R
+    return x1.add_(x2.roll(x.shape[1] // 2, dims=1))
 
 
 class _SRUThenConvs(torch.autograd.Function):
@@ -310,8 +309,7 @@ class SpatialReconstruction(nn.Module):
     it starts at C and could in principle approach 0 during training. Algebraically equivalent
     rewrites for speed: :math:`W_\gamma` is folded into GN's affine parameters (one fused
     ``group_norm`` call), the two gated products come from one sigmoid, and the cross-reconstruct
-    is ``[R > t] X + [S, S]`` with S the sum of the channel halves of ``W2 X`` (soft) or
-    ``X1 + roll(X2, C/2)`` (hard), bit-identical to the step-by-step form.
+    is ``X1 + roll(X2, C/2)``, with the products and the sum written in place.
 
     Memory: in training the unit runs as a custom autograd Function that saves only X (and
     GN's two affine vectors); GN, the gate and X^w are recomputed in backward, giving the same
