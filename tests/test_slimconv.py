@@ -444,3 +444,45 @@ def test_table10_cifar_resnet50_k2_k4_counts():
                                  compression_ratio=k)
         report = profile(model, (1, 3, 32, 32), counter="macs+bn")
         assert (report.params, report.macs, report.counted_macs) == (params, macs, counted)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_absorb_bn_folds_a_following_bn(bias):
+    torch.manual_seed(0)
+    conv = SlimConv(32, bias=bias)
+    host = nn.BatchNorm2d(conv.out_channels)
+    model = nn.Sequential(conv, host).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(-1.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    if bias:
+        conv.bias.data.uniform_(-1, 1)
+    x = torch.randn(2, 32, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+        assert conv.absorb_bn(host)
+        out = conv(x)
+    assert (out - expected).abs().max() / expected.abs().max() < 1e-5
+    assert not conv.absorb_bn(nn.BatchNorm2d(conv.out_channels + 1))
+
+
+@pytest.mark.parametrize("placement", [None, {"keep_bn": True}])
+def test_prepared_resnet_matches(placement):
+    from leanconv.inference import max_abs_diff, prepare_for_inference
+    from leanconv.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", conv="slimconv", num_classes=10, placement=placement)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    prepared = prepare_for_inference(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
+    assert max_abs_diff(model, prepared, torch.randn(2, 3, 32, 32), relative=True) < 1e-5

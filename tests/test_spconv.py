@@ -254,3 +254,51 @@ def test_invalid_configs_raise(kwargs, match):
 def test_vanilla_representative_allows_odd_channels():
     conv = SPConv(12, 15, split_ratio=0.25, representative="vanilla")
     assert conv(torch.randn(1, 12, 5, 5)).shape == (1, 15, 5, 5)
+
+
+@pytest.mark.parametrize("hparams", FUSE_CASES, ids=_case_id)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_absorb_bn_folds_the_host_bn_exactly(hparams, stride, bias):
+    # Host BN with negative, zero and positive scales: a * Y + b goes into both branches and
+    # beta is kept by scaling S3 - S1 by 1/a (a = 0 channels output b whatever beta is).
+    torch.manual_seed(0)
+    conv = SPConv(16, 24, stride=stride, bias=bias, **hparams)
+    host = nn.BatchNorm2d(24)
+    model = nn.Sequential(conv, host).eval()
+    randomize_bns(model)
+    host.weight.data.uniform_(-1.5, 1.5)
+    host.weight.data[:3] = torch.tensor([0.0, -1e-3, 1e-3])
+    if bias:
+        conv.bias.data.uniform_(-1, 1)
+    x = torch.randn(2, 16, 11, 11)
+    with torch.no_grad():
+        expected = model(x)
+        assert conv.absorb_bn(host)
+        out = conv(x)
+    err = (out - expected).abs().max() / expected.abs().max()
+    assert err < 1e-5
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in conv.modules())
+    softmax = hparams.get("fusion", "softmax") == "softmax" and conv.red_channels > 0
+    assert (conv.fusion_scale is not None) == softmax
+
+
+def test_absorb_bn_declines_other_modules():
+    conv = SPConv(16, 24).eval()
+    assert not conv.absorb_bn(nn.BatchNorm2d(16))
+    assert not conv.absorb_bn(nn.BatchNorm2d(24, track_running_stats=False))
+    assert not conv.absorb_bn(nn.GroupNorm(4, 24))
+    assert isinstance(conv.bn_rep, nn.BatchNorm2d)  # untouched
+
+
+def test_prepared_resnet_folds_every_host_bn():
+    from leanconv.inference import max_abs_diff, prepare_for_inference
+    from leanconv.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", conv="spconv", num_classes=10)
+    randomize_bns(model)
+    model.eval()
+    prepared = prepare_for_inference(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
+    assert max_abs_diff(model, prepared, torch.randn(2, 3, 32, 32), relative=True) < 1e-5
