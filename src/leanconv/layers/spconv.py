@@ -197,7 +197,17 @@ class SPConv(nn.Module):
       overflow-free sigmoid of ``S3 - S1``, and Eq. 6 as ``lerp(U1, U3, beta)``.
 
     :meth:`fuse_for_inference` folds both BNs (and the bias) into the convolutions and, where it
-    costs no extra MACs, computes both 1x1 convolutions with one conv.
+    costs no extra MACs, computes both 1x1 convolutions with one conv; :meth:`absorb_bn` also
+    folds the host network's BN after the module (``leanconv.prepare_for_inference``).
+
+    Training memory: with ``fusion="softmax"`` and a redundant part, the redundant 1x1 conv,
+    both BNs and Eq. 4-6 run as one autograd function (``_LeanFusion``) that keeps only the
+    pre-BN map ``GWC + PWC`` (one output-sized map; the input is kept by the convs anyway) and
+    recomputes the redundant 1x1 conv and ``U3 - U1`` in backward; plain autograd keeps four
+    output-sized maps. Same maths, PyTorch's BN kernels and running-statistics update; eval
+    mode and frozen BNs use the plain path. In the training forward the two 1x1 convs stay
+    separate (a 2-group conv would not dispatch fewer ops: it trades two input slices for a
+    weight concatenation and two output slices, and its backward is no leaner).
     """
 
     def __init__(
