@@ -247,3 +247,18 @@ def test_prepared_scconv_computes_once_what_is_fixed():
         assert_rel_close(fast(x), ref_forward(m, x))
     # folded GN affine (4 ops), squeeze weight cat (1), GWC + PWC1 merged (conv + add)
     assert count_ops(fast, x) == count_ops(m, x) - 7
+
+
+def test_channels_last_input_and_no_double_backward():
+    m = randomise(SCConv(16, 16)).train()
+    x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
+    y, gx, gp = grads(m, x, lambda mod, t: mod(t))
+    y_ref, gx_ref, gp_ref = grads(m, x, ref_forward)
+    assert_rel_close(y, y_ref)
+    assert_rel_close(gx, gx_ref)
+    for n in gp:
+        assert_rel_close(gp[n], gp_ref[n])
+    xg = torch.randn(2, 16, 8, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(m(xg).sum(), xg, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        g.sum().backward()

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ._utils import (
     check_choice,
@@ -150,6 +151,7 @@ class _SRUThenConvs(torch.autograd.Function):
         return _run_branches(xw, branches, params) if branches else (xw,)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         x, weight, bias, *params = ctx.saved_tensors
         groups, eps, threshold, soft, branches = ctx.spec
@@ -253,6 +255,7 @@ class _CRUFuse(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         diff, beta1 = ctx.saved_tensors
         has_y1b, c2 = ctx.parts
