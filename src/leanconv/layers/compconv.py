@@ -166,6 +166,12 @@ class CompConv(nn.Module):
     * **Shuffle** for ``C_out`` not a multiple of 4: groups of ``ceil(C_out / 4)`` channels (the
       last shorter) read column by column, ShuffleNet's order when it divides.
     * ``bias=True`` adds one learnable bias per output channel after the shuffle.
+
+    Speed: for ``4 | C_out`` the concatenation and the shuffle are one ``torch.stack`` of the four
+    shuffle groups (slices of the parts), i.e. one copy instead of two (concatenate, then
+    transpose-copy). :meth:`absorb_bn` folds a following BN for inference
+    (:func:`leanconv.prepare_for_inference`): exactly into ``X_A0``'s depthwise conv, and as one
+    per-channel affine on the other parts, which also feed later convs.
     """
 
     def __init__(

@@ -53,6 +53,10 @@ class GhostConv(nn.Module):
       gradient).
     - ``dilation`` also dilates the cheap conv, so a dilated backbone keeps its receptive field.
     - ``bias=True`` adds a learnable per-output-channel bias after the concatenation.
+
+    Inference: :meth:`absorb_bn` folds a following BN (:func:`leanconv.prepare_for_inference`),
+    exactly: into the cheap conv for the ghost maps, as one per-channel affine on the intrinsic
+    maps (they also feed the cheap conv, so the primary conv cannot take it).
     """
 
     def __init__(

@@ -499,7 +499,16 @@ class CRU(nn.Module):
     * Widths use ``round`` for the split and floor division by :math:`r`; Eq. 11 holds exactly
       when :math:`\alpha C_1` and the squeezed widths are integers.
 
-    Speed: at stride 1 with an even split the two squeeze convs run as one 2-group 1x1 conv.
+    Memory and speed: the fusion never concatenates Y2 (its two parts are subtracted from / added
+    to channel slices of one buffer) and, in training, runs as a custom autograd Function that
+    keeps only :math:`D = Y_1 - Y_2` and :math:`\beta_1` for backward (not Y1 and Y2):
+    :math:`dY_1 = \beta_1 dY + s`, :math:`dY_2 = dY - dY_1`, :math:`s = \beta_1 (1 - \beta_1)
+    \mathrm{sum}_{HW}(dY \odot D) / HW`. It computes :math:`\beta_1 = \sigma(\mathrm{GAP}(D))`,
+    equal to Eq. 8's :math:`\sigma(S_1 - S_2)` up to float rounding. A BN after the CRU is not
+    absorbed: :math:`a Y + b = \beta_1 (a Y_1 + b) + \beta_2 (a Y_2 + b)` holds, but
+    :math:`\beta` must come from the unscaled GAPs, which a folded conv no longer gives without
+    dividing by the BN scale (zero for zero-initialised BNs).
+    At stride 1 with an even split the two squeeze convs run as one 2-group 1x1 conv.
     :meth:`fuse_for_inference` (stride 1 only) merges GWC + PWC1 into one dense k x k conv
     (PWC1 added to the centre tap of the per-group-expanded GWC weight; exact). The fused conv
     has more weights (:math:`k^2 u_s C_2` instead of :math:`k^2 u_s C_2 / g + u_s C_2`) but
