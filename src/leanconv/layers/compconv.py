@@ -331,9 +331,12 @@ class CompConv(nn.Module):
         # only for the channels kept after truncation to C_out (Sec. 3.4).
         parts = [result, *intermediate]
         if self.part_scale is not None:  # a BN absorbed by absorb_bn (X_A0 took it in its conv)
-            parts = [torch.addcmul(shift, part, scale) for part, scale, shift in zip(
-                parts, self.part_scale.split(self._part_widths[-len(parts):], 1),
-                self.part_shift.split(self._part_widths[-len(parts):], 1), strict=True)]
+            scales, shifts = (self.part_scale,), (self.part_shift,)
+            if len(parts) > 1:
+                widths = self._part_widths[-len(parts):]
+                scales, shifts = self.part_scale.split(widths, 1), self.part_shift.split(widths, 1)
+            parts = [torch.addcmul(shift, part, scale)
+                     for part, scale, shift in zip(parts, scales, shifts, strict=True)]
         if self.tail_conv is not None:
             tail = self.tail_channels
             parts.insert(0, self.tail_conv(result if tail == result.shape[1] else result[:, :tail]))
