@@ -142,9 +142,9 @@ class _ReconstructTransform(torch.autograd.Function):
             gx = wv[0] * g[0].unsqueeze(1)
             for p in range(1, wv.shape[0]):
                 gx.addcmul_(wv[p], g[p].unsqueeze(1))
-            gx = gx.view(n, chunks * width, h, w_)[:, :c]
+            gx = gx.reshape(n, chunks * width, h, w_)[:, :c]  # g may arrive channels_last
         if need[1]:  # dw_p^j = sum_hw X^j * g_p
-            gw = torch.einsum("nrthw,pnthw->pnrt", x.view(n, chunks, width, h, w_), g)
+            gw = torch.einsum("nrthw,pnthw->pnrt", x.reshape(n, chunks, width, h, w_), g)
             gw = gw.reshape(-1, n, chunks * width)[..., :c].reshape(-1, n, c, 1, 1)
         return gx, gw, gw_top, gw_red, None
 
