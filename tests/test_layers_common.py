@@ -65,23 +65,23 @@ def test_batch_one_train_and_all_params_get_grad(name):
 @pytest.mark.parametrize("name", CONVS)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_channels_last_train_matches_contiguous(name, stride):
-    # Trainers and convs may hand channels_last tensors (and gradients) to a module.
+    # Trainers and convs may hand channels_last tensors (and gradients) to a module. In float64
+    # the two layouts must agree to rounding; a layout bug (a wrong view) shows as a large error.
     conv, _ = build(name, stride=stride)
-    conv.train()
-    x = torch.randn(4, 16, 9, 9)
-    grads = []
+    conv.train().double()
+    x = torch.randn(4, 16, 9, 9, dtype=torch.float64)
+    results = []
     for fmt in (torch.contiguous_format, torch.channels_last):
         xi = x.clone().to(memory_format=fmt).requires_grad_(True)
         y = conv(xi)
-        g = torch.ones_like(y).to(memory_format=torch.channels_last)
-        y.backward(g)
-        grads.append((y.detach(), xi.grad, [p.grad.clone() for p in conv.parameters()]))
+        y.backward(torch.ones_like(y).to(memory_format=torch.channels_last))
+        results.append((y.detach(), xi.grad, [p.grad.clone() for p in conv.parameters()]))
         conv.zero_grad(set_to_none=True)
-    (y0, gx0, gp0), (y1, gx1, gp1) = grads
-    torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gx1, gx0, rtol=1e-4, atol=1e-5)
-    for a, b in zip(gp1, gp0, strict=True):  # sums over many pixels: summation-order rounding
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
+    (y0, gx0, gp0), (y1, gx1, gp1) = results
+    torch.testing.assert_close(y1, y0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-9, atol=1e-9)
+    for a, b in zip(gp1, gp0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", CONVS)
