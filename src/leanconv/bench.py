@@ -36,7 +36,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from torch.utils import benchmark
+
+# torch.utils.benchmark imports cpp_extension, which logs "No CUDA runtime is found" on a machine
+# with a CUDA build of torch and no GPU; irrelevant to timing, so it is silenced for the import.
+_cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+_level = _cpp_extension_log.level
+_cpp_extension_log.setLevel(logging.ERROR)
+try:
+    from torch.utils import benchmark
+finally:
+    _cpp_extension_log.setLevel(_level)
 
 __all__ = [
     "BenchReport",
