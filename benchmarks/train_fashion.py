@@ -26,13 +26,13 @@ MAX_GAP = 1.0  # points below vanilla
 
 def bar_table(results: dict) -> str:
     rows = {r["conv"]: r for r in results["rows"]}
-    vanilla = rows["vanilla"]["top1_mean"]
+    vanilla = 100 * rows["vanilla"]["top1_mean"]  # results.json holds fractions
     lines = [
         "| conv | hparams | test top-1 % | vs vanilla | epochs | wall time | images/s | bar |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for conv, r in rows.items():
-        top1 = r["top1_mean"]
+        top1 = 100 * r["top1_mean"]
         if conv == "vanilla":
             ok = top1 >= VANILLA_BAR
             verdict = f"{'PASS' if ok else 'FAIL'} (>= {VANILLA_BAR})"
