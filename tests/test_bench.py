@@ -207,7 +207,7 @@ def test_bench_convs_side_by_side():
     assert report.settings["train_batch"] == 2 and report.env["threads"] == 1
 
     table = format_table(report)
-    assert "GLIBC_TUNABLES" in table and "threads 1" in table
+    assert "allocator: " in table and "threads 1" in table
     assert "| broken | skipped: NotImplementedError" in table
     assert "| ghost |" in table and "train img/s b2" in table
     data = json.loads(json.dumps(report_json(report)))
@@ -228,7 +228,7 @@ def test_bench_convs_prepared_path_reports_diff():
 def test_format_table_from_given_numbers():
     results = [_result("vanilla", 1_000_000, {1: 0.010}), _result("spconv", 500_000, {1: 0.008})]
     report = BenchReport("given", {"torch": "x", "device": "cpu", "threads": 2, "cpu_count": 2,
-                                   "load_average": None, "GLIBC_TUNABLES": "unset"},
+                                   "load_average": None, "allocator": "glibc malloc defaults"},
                          {"batches": [1], "train": False, "inference_path": "eager",
                           "rounds": 1}, results)
     table = format_table(report)

@@ -201,14 +201,16 @@ def test_fuse_for_inference_is_exact(hparams, stride, bias):
         torch.testing.assert_close(conv(x), after, rtol=0, atol=0)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in conv.modules())
-    even_split = hparams.get("split_ratio", 0.5) == 0.5
-    merges = (hparams.get("representative", "gwc+pwc") == "gwc+pwc"
-              and hparams.get("redundant", True) and hparams.get("split_ratio", 0.5) < 1
-              and (hparams.get("fusion") == "sum" or even_split))
+    gwc_pwc = hparams.get("representative", "gwc+pwc") == "gwc+pwc"
+    # 16 * split_ratio representative channels in 2 groups: at most 8 per group densify.
+    densifies = gwc_pwc and stride == 1 and conv.rep_channels // 2 <= 8
+    assert (conv.pwc is None and conv.conv_kxk.groups == 1) == densifies or not gwc_pwc
+    merges = (gwc_pwc and not densifies and hparams.get("fusion") == "sum"
+              and hparams.get("redundant", True) and hparams.get("split_ratio", 0.5) < 1)
     assert (conv.pwc_merged is not None) == merges
     n_convs = sum(isinstance(m, nn.Conv2d) for m in conv.modules())
-    if merges:
-        assert n_convs == 2
+    if merges or (densifies and conv.red_channels == 0):
+        assert n_convs == 2 if merges else n_convs == 1
 
 
 def test_fused_module_exports():

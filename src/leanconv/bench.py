@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .runtime import allocator_setup
+
 # torch.utils.benchmark imports cpp_extension, which logs "No CUDA runtime is found" on a machine
 # with a CUDA build of torch and no GPU; irrelevant to timing, so it is silenced for the import.
 _cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
@@ -443,8 +445,7 @@ def environment(threads: int, device: torch.device | str = "cpu") -> dict:
         "threads": threads,
         "cpu_count": os.cpu_count(),
         "load_average": load,
-        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "(unset: glibc malloc defaults)"),
-        "LD_PRELOAD": os.environ.get("LD_PRELOAD") or None,
+        "allocator": allocator_setup(),
     }
 
 
@@ -454,10 +455,9 @@ def _prepare(model: nn.Module, path: str, sample: torch.Tensor):
         return model.eval(), None, None
     from .inference import max_abs_diff, prepare_for_inference
 
-    # Static shapes: a dynamic-shape graph (what torch.compile switches to when it sees a second
-    # batch size) would be timed instead of the specialised one.
-    prepared = prepare_for_inference(model, compile={"dynamic": False} if path == "compiled"
-                                     else False)
+    # compile=True: static shapes (a dynamic-shape graph, what torch.compile switches to when it
+    # sees a second batch size, would be timed instead of the specialised one) and freezing.
+    prepared = prepare_for_inference(model, compile=path == "compiled")
     return (prepared, max_abs_diff(model, prepared, sample),
             max_abs_diff(model, prepared, sample, relative=True))
 
@@ -635,8 +635,8 @@ def header_lines(report: BenchReport) -> list[str]:
         f"## {report.title}" if report.title else "## benchmark",
         "",
         f"torch {env['torch']}, device {env['device']}, threads {env['threads']} "
-        f"(of {env['cpu_count']} CPUs), GLIBC_TUNABLES={env['GLIBC_TUNABLES']}"
-        + (f", LD_PRELOAD={env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else ""),
+        f"(of {env['cpu_count']} CPUs), allocator: {env.get('allocator', 'n/a')}"
+        + (f", memory format: {s['memory_format']}" if s.get("memory_format") else ""),
         f"load average at start: {load_txt}; inference path: {s['inference_path']}; "
         f"rounds {s['rounds']}; latency = median (IQR) per forward call",
         "Numbers are only meaningful when nothing else runs on these cores.",

@@ -18,8 +18,18 @@ function (up to float rounding) faster:
    children are still visited). A module that is not an ``nn.Conv2d`` but can take a following
    BN into its own weights may define ``absorb_bn(bn) -> bool``; it is called for such pairs and
    the BN is dropped when it returns ``True``;
-4. optionally ``torch.compile`` the result (``compile=True`` or a dict of ``torch.compile``
-   keyword arguments); compilation happens at the first call.
+4. convert the weights to ``memory_format`` (default ``torch.channels_last``) and convert 4-D
+   inputs to it on entry (a forward pre-hook), so every convolution runs in that layout;
+5. optionally ``torch.compile`` the result (``compile=True``: inductor with ``freezing`` --
+   weights become constants, conv+BN/element-wise fusion and weight prepacking -- and static
+   shapes; or a dict of ``torch.compile`` keyword arguments); compilation happens at the first
+   call.
+
+Why channels_last by default: on the CPU of ``docs/performance.md`` (oneDNN, AVX-512) it made
+every model faster at inference, vanilla included (CIFAR ResNet-56 b128 157 -> 127 ms, ResNet-50
+224 b8 371 -> 281 ms), and the NCHW kernels are pathological for the slim modules' small
+channel groups (a 2-group 3x3 conv 8 -> 16 channels at 32x32 takes 6.8 ms in NCHW, 1.8 ms in
+NHWC). Pass ``memory_format=None`` to keep the model's layout.
 
 Check the result with :func:`max_abs_diff` (or pass ``example_input=`` to have it logged).
 """
@@ -157,10 +167,21 @@ def max_abs_diff(a: nn.Module, b: nn.Module, input: torch.Tensor, *,
     return diff
 
 
+_MEMORY_FORMATS = (torch.channels_last, torch.contiguous_format, None)
+
+
+def _to_memory_format(memory_format: torch.memory_format):
+    def hook(module, args):
+        return tuple(a.contiguous(memory_format=memory_format)
+                     if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
+    return hook
+
+
 def prepare_for_inference(
     model: nn.Module,
     *,
     compile: bool | dict = False,
+    memory_format: torch.memory_format | None = torch.channels_last,
     inplace: bool = False,
     example_input: torch.Tensor | None = None,
 ) -> nn.Module:
@@ -170,8 +191,10 @@ def prepare_for_inference(
     training it, or to compare against it); ``inplace=True`` rewrites ``model`` itself and
     saves the copy's memory. The result is in eval mode with ``requires_grad`` off, BN layers
     folded into the convolutions before them, and every submodule's ``fuse_for_inference()``
-    applied (see the module docstring for the exact rules). ``compile=True`` (or a dict of
-    ``torch.compile`` kwargs) wraps it with ``torch.compile``.
+    applied (see the module docstring for the exact rules), its weights and 4-D inputs in
+    ``memory_format`` (``None``: left as they are). ``compile=True`` wraps it with
+    ``torch.compile(dynamic=False, options={"freezing": True})``, a dict replaces those
+    ``torch.compile`` kwargs.
 
     With ``example_input`` the largest output difference to the training-form model (in eval
     mode) is logged, and a warning is raised if it exceeds 1e-3 of the largest output.
@@ -179,6 +202,12 @@ def prepare_for_inference(
     >>> fast = prepare_for_inference(model)
     >>> max_abs_diff(model, fast, torch.randn(1, 3, 32, 32))  # ~1e-6
     """
+    if memory_format not in _MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be torch.channels_last, torch.contiguous_format "
+                         f"or None, got {memory_format!r}")
+    if not isinstance(compile, (bool, dict)):
+        raise ValueError(f"compile must be True, False or a dict of torch.compile keyword "
+                         f"arguments, got {compile!r}")
     prepared = model if inplace else copy.deepcopy(model)
     prepared.eval()
     prepared.requires_grad_(False)
@@ -188,6 +217,9 @@ def prepare_for_inference(
             fuse()
     folded = fold_conv_bn(prepared)
     _logger.info("prepare_for_inference: folded %d conv+BN pairs", folded)
+    if memory_format is not None:
+        prepared.to(memory_format=memory_format)
+        prepared.register_forward_pre_hook(_to_memory_format(memory_format))
     if example_input is not None and not inplace:
         diff = max_abs_diff(model, prepared, example_input)
         rel = max_abs_diff(model, prepared, example_input, relative=True)
@@ -197,6 +229,9 @@ def prepare_for_inference(
             warnings.warn(f"prepared model differs from the original by up to {diff:.3g} "
                           f"({rel:.3g} of the largest output)", stacklevel=2)
     if compile:
-        options = compile if isinstance(compile, dict) else {}
+        # Freezing folds the (now constant) weights into the graph: conv + element-wise fusion
+        # and oneDNN weight prepacking. Static shapes: one specialised graph per input shape.
+        options = compile if isinstance(compile, dict) else {
+            "dynamic": False, "options": {"freezing": True}}
         prepared = torch.compile(prepared, **options)
     return prepared
