@@ -27,6 +27,7 @@ from torch import nn
 from leanconv.bench import bench_convs, header_lines
 from leanconv.cli import add_conv_arguments, hparams_from_args
 from leanconv.layers import conv_out_channels, create_conv
+from leanconv.runtime import tune_allocator
 
 RESNET50_SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
 QUICK_SHAPES = ((16, 14), (32, 7))
@@ -44,6 +45,8 @@ def _ratio(a, b):
 
 
 def run(args) -> list[dict]:
+    if not args.no_tune_allocator:
+        tune_allocator()
     convs = [c.strip() for c in args.convs.split(",") if c.strip()]
     hparams = {c: hparams_from_args(args, c) for c in convs}
     shapes = QUICK_SHAPES if args.quick else RESNET50_SHAPES
@@ -118,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny shapes and timings")
     p.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
+    p.add_argument("--no-tune-allocator", action="store_true",
+                   help="keep glibc malloc's defaults (see leanconv.runtime)")
     return p
 
 

@@ -223,6 +223,42 @@ def test_compiled_path_same_outputs():
     assert max_abs_diff(model, compiled, torch.randn(2, 3, 8, 8)) < TOL
 
 
+def test_default_compile_inductor_freezing_same_outputs():
+    # compile=True: inductor with freezing (weights as constants) on a network with slim modules
+    model = randomize_bn(resnetish("spconv"))
+    x = torch.randn(2, 3, 8, 8)
+    compiled = prepare_for_inference(model, compile=True)
+    with torch.inference_mode():
+        out = compiled(x)
+    assert max_abs_diff(model, compiled, x, relative=True) < TOL
+    assert out.shape == (2, 10)
+
+
+def test_channels_last_by_default_and_optional():
+    model = randomize_bn(resnetish())
+    x = torch.randn(2, 3, 8, 8)  # NCHW input: converted on entry
+    fast = prepare_for_inference(model)
+    conv = next(m for m in fast.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    conv.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    assert max_abs_diff(model, fast, x) < TOL
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and seen[0].stride(1) == 1
+    plain = prepare_for_inference(model, memory_format=None)
+    conv = next(m for m in plain.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous() and conv.weight.stride(1) != 1
+    assert max_abs_diff(model, plain, x) < TOL
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(memory_format="nhwc"), "memory_format must be torch.channels_last"),
+    (dict(compile="yes"), "compile must be True, False or a dict"),
+])
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        prepare_for_inference(resnetish(), **kwargs)
+
+
 def test_reexported():
     assert leanconv.prepare_for_inference is prepare_for_inference
 

@@ -73,6 +73,8 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 INFERENCE_PATHS = ("eager", "prepared", "compiled")
+# Layouts for the training measurement (the prepared/compiled inference paths choose their own).
+_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,10 +211,11 @@ class _Trainer:
     """One model + optimizer + fixed batch, so that steps can be timed in interleaved rounds."""
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], num_classes: int,
-                 device: torch.device, lr: float = 0.01) -> None:
-        self.model = model.train()
+                 device: torch.device, lr: float = 0.01,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.model = model.train().to(memory_format=memory_format)
         self.device = device
-        self.x = torch.randn(*input_shape, device=device)
+        self.x = torch.randn(*input_shape, device=device).contiguous(memory_format=memory_format)
         self.y = torch.randint(0, num_classes, (input_shape[0],), device=device)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         self.loss_fn = nn.CrossEntropyLoss()
@@ -478,6 +481,7 @@ def bench_convs(
     method: str = "blocked",
     train_steps: int = 5,
     train_warmup: int = 3,
+    train_memory_format: str = "contiguous",
     device: torch.device | str = "cpu",
     baseline: str = "vanilla",
     title: str = "",
@@ -490,10 +494,14 @@ def bench_convs(
     ``train_batch`` (default: the largest batch) with ``num_classes`` random labels (default: the
     model output width). Each measurement is repeated ``rounds`` times, cycling through the conv
     types, and the per-call times of all rounds are pooled before taking median and IQR. A conv
-    whose model cannot be built or run gets ``error`` set instead of numbers.
+    whose model cannot be built or run gets ``error`` set instead of numbers. Training runs in
+    ``train_memory_format`` ("contiguous" or "channels_last": model and batch converted).
     """
     if inference_path not in INFERENCE_PATHS:
         raise ValueError(f"inference_path must be one of {INFERENCE_PATHS}, got {inference_path!r}")
+    if train_memory_format not in _MEMORY_FORMATS:
+        raise ValueError(f"train_memory_format must be one of {tuple(_MEMORY_FORMATS)}, got "
+                         f"{train_memory_format!r}")
     if train and not (train_batch or batches):
         raise ValueError("training needs train_batch when no latency batches are given")
     device = torch.device(device)
@@ -550,9 +558,13 @@ def bench_convs(
                 if classes is None:
                     with torch.no_grad():
                         classes = model.eval()(sample).shape[1]
+                fmt = _MEMORY_FORMATS[train_memory_format]
+                model.to(memory_format=fmt)
                 results[c].backward = saved_tensor_bytes(
-                    model, torch.randn(tb, *input_shape, device=device))
-                trainers[c] = _Trainer(model, (tb, *input_shape), classes, device)
+                    model, torch.randn(tb, *input_shape, device=device).contiguous(
+                        memory_format=fmt))
+                trainers[c] = _Trainer(model, (tb, *input_shape), classes, device,
+                                       memory_format=fmt)
                 with num_threads(threads):
                     for _ in range(train_warmup):
                         trainers[c].step()
@@ -572,6 +584,7 @@ def bench_convs(
         "train_batch": (train_batch or max(batches)) if train else None,
         "rounds": rounds, "min_run_time": min_run_time, "method": method,
         "train_steps": train_steps, "train_warmup": train_warmup,
+        "memory_format": train_memory_format if train else None,
     }
     return BenchReport(title, env, settings,
                        [results[c] for c in convs], baseline)
