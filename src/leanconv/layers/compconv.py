@@ -344,7 +344,11 @@ class CompConv(nn.Module):
         # one copy into the shuffled order (no concatenated intermediate).
         if self._shuffle_groups is not None:
             groups = [_gather(parts, segments) for segments in self._shuffle_groups]
-            out = torch.stack(groups, dim=2).flatten(1, 2)
+            if _channels_last(x):  # stack along channels-last's innermost axis: stays NHWC
+                out = torch.stack([g.permute(0, 2, 3, 1) for g in groups], dim=-1)
+                out = out.flatten(3).permute(0, 3, 1, 2)
+            else:
+                out = torch.stack(groups, dim=2).flatten(1, 2)
         else:
             out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             if self.shuffle_index is not None:
@@ -429,6 +433,12 @@ def _group_segments(widths: tuple[int, ...], groups: int) -> tuple[_Segments, ..
         plan.append(tuple((i, max(lo, a) - a, min(hi, b) - a) for i, a, b in bounds
                           if a < hi and b > lo))
     return tuple(plan)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is (strictly) channels_last, so outputs should be produced in that layout."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
 
 
 def _gather(parts: list[torch.Tensor], segments) -> torch.Tensor:
