@@ -12,6 +12,7 @@ markdown table.
     python benchmarks/layers.py                    # all convs, batch 1 and 32, 1 thread
     python benchmarks/layers.py --threads 2 --convs vanilla,spconv,slimconv
     python benchmarks/layers.py --quick            # smoke run: tiny shapes, seconds
+    python benchmarks/layers.py --shapes cifar --batch 128 --threads 2 --inference-path prepared
 
 Numbers are only meaningful when nothing else runs on the cores.
 """
@@ -30,6 +31,8 @@ from leanconv.layers import conv_out_channels, create_conv
 from leanconv.runtime import tune_allocator
 
 RESNET50_SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
+# The stride-1 3x3 convs of CIFAR ResNet-20/56/110's three stages (issue 6 times them at batch 128).
+CIFAR_SHAPES = ((16, 32), (32, 16), (64, 8))
 QUICK_SHAPES = ((16, 14), (32, 7))
 
 
@@ -49,7 +52,8 @@ def run(args) -> list[dict]:
         tune_allocator()
     convs = [c.strip() for c in args.convs.split(",") if c.strip()]
     hparams = {c: hparams_from_args(args, c) for c in convs}
-    shapes = QUICK_SHAPES if args.quick else RESNET50_SHAPES
+    shapes = QUICK_SHAPES if args.quick else (
+        CIFAR_SHAPES if args.shapes == "cifar" else RESNET50_SHAPES)
     batches = args.batch or ([1, 2] if args.quick else [1, 32])
     rounds = args.rounds or (1 if args.quick else 3)
     min_run_time = args.min_run_time or (0.01 if args.quick else 0.5)
@@ -67,7 +71,8 @@ def run(args) -> list[dict]:
 
     measured = "conv + host BN" if not args.no_bn else "conv alone"
     lines = header_lines(reports[0])
-    lines[0] = (f"## Conv types at the ResNet-50 3x3 shapes, {measured}, ratios to vanilla "
+    family = "CIFAR ResNet" if args.shapes == "cifar" and not args.quick else "ResNet-50"
+    lines[0] = (f"## Conv types at the {family} 3x3 shapes, {measured}, ratios to vanilla "
                 f"(same unit) measured in the same run")
     cols = ["shape", "conv", "out", "params", "params ratio", "MACs", "MACs ratio"]
     for b in batches:
@@ -113,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes (default 1,32; --quick: 1,2)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     p.add_argument("--no-bn", action="store_true", help="measure the conv alone, without host BN")
+    p.add_argument("--shapes", choices=("resnet50", "cifar"), default="resnet50",
+                   help="resnet50: 64@56 128@28 256@14 512@7; cifar: 16@32 32@16 64@8 (the "
+                   "stages of CIFAR ResNets)")
     p.add_argument("--inference-path", choices=("eager", "prepared", "compiled"),
                    default="eager", help="eval-mode module, or leanconv.prepare_for_inference")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
