@@ -342,3 +342,16 @@ def test_layers_script_quick(capsys):
     assert table[1]["latency"][1]["ratio"] is not None
     out = capsys.readouterr().out
     assert "conv + host BN" in out and "| 32@7 | ghost |" in out
+
+
+def test_where_time_goes_script_splits_conv_time(capsys):
+    where = _load_script("where_time_goes")
+    args = where.build_parser().parse_args(
+        ["--convs", "vanilla,ghost", "--model", "resnet20", "--input", "8", "--batch", "2",
+         "--threads", "1", "--calls", "1", "--no-tune-allocator"])
+    rows = where.run(args)
+    assert [r["conv"] for r in rows] == ["vanilla", "ghost"]
+    for r in rows:
+        assert r["conv_ms"] > 0 and r["other_ms"] > 0  # convolutions found, and the rest
+        assert all(op not in where.CONV_OPS for op, _ in r["top_other"])
+    assert "| ghost |" in capsys.readouterr().out
