@@ -356,6 +356,17 @@ def test_eval_reproduces_the_reported_accuracy(tmp_path):
             row["test_top1"], row["test_top5"], row["test_loss"])
 
 
+def test_channels_last_trains_the_same_model(tmp_path):
+    plain = T.train(_config(tmp_path, "plain", epochs=1)).history[0]
+    cl = T.train(_config(tmp_path, "cl", epochs=1, channels_last=True)).history[0]
+    assert json.loads((tmp_path / "cl" / "config.json").read_text())["channels_last"] is True
+    # same maths in another layout: the run agrees up to float rounding
+    assert cl["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-3)
+    assert cl["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-3)
+    with pytest.raises(CheckpointError, match="channels_last=True, not False"):
+        T.train(_config(tmp_path, "cl", epochs=1), resume=True)  # part of the run's identity
+
+
 def test_bf16_autocast_trains(tmp_path):
     result = T.train(_config(tmp_path, epochs=1, amp="bf16"))
     assert math.isfinite(result.history[0]["train_loss"])

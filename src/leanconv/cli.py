@@ -277,6 +277,10 @@ def _add_train(sub) -> None:
                    help="turn off the dataset's training augmentation")
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                    help="mixed precision (bf16 on CPU; fp16 or bf16 on CUDA)")
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="train in the channels_last memory format (on the 2-core test machine "
+                   "1.2x faster for a vanilla ResNet-56, slower for SlimConv; "
+                   "docs/performance.md)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers for imagefolder (default 0)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
@@ -300,7 +304,7 @@ def _add_train(sub) -> None:
             weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
             schedule=args.schedule, seed=args.seed, train_subset=args.train_subset,
             test_subset=args.test_subset, augment=args.augment, amp=args.amp,
-            workers=args.workers, device=args.device)
+            channels_last=args.channels_last, workers=args.workers, device=args.device)
         try:
             if args.resume:
                 if args.out is None and args.resume is True:

@@ -118,6 +118,7 @@ class TrainConfig:
     augment: bool = True
     image_size: int | None = None  # imagefolder crop size (default 224)
     amp: str | None = None  # None | bf16 | fp16
+    channels_last: bool = False  # model (and so every activation) in channels_last memory format
     workers: int = 0  # DataLoader workers for imagefolder (0 is right on 2 cores)
     device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
 
@@ -395,6 +396,8 @@ def train(config: TrainConfig, *, resume: bool | str = False) -> TrainResult:
         if env.distributed and env.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(env.device)
+        if config.channels_last:  # weights in NHWC: oneDNN then runs every conv (and its
+            model.to(memory_format=torch.channels_last)  # output) in NHWC, for any input layout
         # Different dropout masks per rank; the same weights everywhere (DDP broadcasts them).
         torch.manual_seed(config.seed + env.rank)
 
