@@ -234,6 +234,19 @@ def test_default_compile_inductor_freezing_same_outputs():
     assert out.shape == (2, 10)
 
 
+def test_compile_leaves_compile_eager_modules_eager():
+    from leanconv.layers.scconv import CRU
+
+    model = randomize_bn(resnetish("scconv"))
+    x = torch.randn(2, 3, 8, 8)
+    compiled = prepare_for_inference(model, compile={"backend": "eager"})
+    crus = [m for m in compiled.modules() if isinstance(m, CRU)]
+    assert crus and all(getattr(m.forward, "_torchdynamo_disable", False) for m in crus)
+    assert max_abs_diff(model, compiled, x, relative=True) < TOL
+    plain = prepare_for_inference(model)  # not compiled: forwards untouched
+    assert not any("forward" in vars(m) for m in plain.modules())
+
+
 def test_channels_last_by_default_and_optional():
     model = randomize_bn(resnetish())
     x = torch.randn(2, 3, 8, 8)  # NCHW input: converted on entry

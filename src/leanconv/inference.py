@@ -23,7 +23,8 @@ function (up to float rounding) faster:
 5. optionally ``torch.compile`` the result (``compile=True``: inductor with ``freezing`` --
    weights become constants, conv+BN/element-wise fusion and weight prepacking -- and static
    shapes; or a dict of ``torch.compile`` keyword arguments); compilation happens at the first
-   call.
+   call. Submodules with ``compile_eager = True`` (measured slower compiled, e.g. SCConv's CRU)
+   run eagerly inside the compiled model.
 
 Why channels_last by default: on the CPU of ``docs/performance.md`` (oneDNN, AVX-512) it made
 every model faster at inference, vanilla included (CIFAR ResNet-56 b128 157 -> 127 ms, ResNet-50
@@ -229,6 +230,11 @@ def prepare_for_inference(
             warnings.warn(f"prepared model differs from the original by up to {diff:.3g} "
                           f"({rel:.3g} of the largest output)", stacklevel=2)
     if compile:
+        # A module whose compiled code was measured slower than its eager forward says so with
+        # ``compile_eager = True``; it runs eagerly inside the compiled model (a graph break).
+        for module in prepared.modules():
+            if getattr(module, "compile_eager", False):
+                module.forward = torch.compiler.disable(module.forward)
         # Freezing folds the (now constant) weights into the graph: conv + element-wise fusion
         # and oneDNN weight prepacking. Static shapes: one specialised graph per input shape.
         options = compile if isinstance(compile, dict) else {

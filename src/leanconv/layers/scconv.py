@@ -524,6 +524,11 @@ class CRU(nn.Module):
     saves a conv and an add.
     """
 
+    # prepare_for_inference(compile=True) runs CRU eagerly: inductor's code for it (with
+    # freezing) was slower than the eager forward on the CPU of docs/performance.md (64@56
+    # batch 8: 5.1 vs 3.4 ms; 256@14: 2.8 vs 2.2 ms).
+    compile_eager = True
+
     def __init__(
         self,
         in_channels: int,
