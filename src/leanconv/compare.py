@@ -19,7 +19,7 @@ budget     seeds  training             test set               speed measurement
 tiny       1      1 epoch, 64 images,  64 images              1 round, 0.01 s, 1 step, latency
                   batch 16                                    at batch 1 and 4 (tests)
 quick      1      1 epoch, fixed       full                   2 rounds x 0.2 s, 2 steps/round
-                  random 10,000-image
+                  random 20,000-image
                   subset of train
 standard   1      recipe (fashion-     full                   3 rounds x 0.5 s, 5 steps/round
                   mnist: 8 epochs, the
@@ -116,9 +116,9 @@ BUDGETS: dict[str, Budget] = {
                    train_warmup=0, batches=(1, 4), batch_size=16,
                    description="smoke test: 1 epoch on 64 images at batch 16, 64 test images, "
                    "latency at batch 1 and 4"),
-    "quick": Budget("quick", 1, 1, 10000, None, rounds=2, min_run_time=0.2, train_steps=2,
+    "quick": Budget("quick", 1, 1, 20000, None, rounds=2, min_run_time=0.2, train_steps=2,
                     train_warmup=1,
-                    description="1 seed, 1 epoch on a fixed random 10,000-image train subset, "
+                    description="1 seed, 1 epoch on a fixed random 20,000-image train subset, "
                     "full test set"),
     "standard": Budget("standard", 1, None, None, None, rounds=3, min_run_time=0.5,
                        train_steps=5, train_warmup=3,
