@@ -224,7 +224,7 @@ def test_budgets_and_study_defaults():
     assert quick.convs == ["vanilla", "spconv", "slimconv", "scconv", "compconv", "ghost"]
     assert (quick.model, quick.data, quick.seeds, quick.epochs) == (
         "resnet20", "fashion-mnist", [0], 1)
-    assert quick.train_subset == 10_000 and quick.test_subset is None
+    assert quick.train_subset == 20_000 and quick.test_subset is None
     assert quick.batches == [1, 32] and quick.threads == 1 and quick.train_batch == 128
     # standard = the training benchmark: full train set, the fashion-mnist recipe, SlimConv k=1
     std = resolve_compare_config("standard")
