@@ -144,7 +144,13 @@ class _ReconstructTransform(torch.autograd.Function):
                 gx.addcmul_(wv[p], g[p].unsqueeze(1))
             gx = gx.reshape(n, chunks * width, h, w_)[:, :c]  # g may arrive channels_last
         if need[1]:  # dw_p^j = sum_hw X^j * g_p
-            gw = torch.einsum("nrthw,pnthw->pnrt", x.reshape(n, chunks, width, h, w_), g)
+            # One batched matmul per pathway, (n, C, HW) @ (n, HW, width), on views of X in
+            # either layout (no permuted copies); its (width x width) diagonal blocks are the
+            # per-chunk sums (width x more MACs than needed, still negligible).
+            xf = x.flatten(2)
+            gw = torch.stack([
+                torch.bmm(xf, gp.flatten(2).transpose(1, 2)).view(n, chunks, width, width)
+                .diagonal(dim1=2, dim2=3) for gp in g])
             gw = gw.reshape(-1, n, chunks * width)[..., :c].reshape(-1, n, c, 1, 1)
         return gx, gw, gw_top, gw_red, None
 
