@@ -307,3 +307,51 @@ def test_densenet121_scconv_table2_counts():
     report = profile(model, (1, 3, 32, 32), counter="macs+bn")
     assert (report.params, report.macs, report.counted_macs) == (5_397_258, 589_637_632,
                                                                  599_345_152)
+
+
+def _host_bn(channels):
+    """An eval-mode BN with negative, zero, tiny and ordinary scales and non-trivial stats."""
+    bn = torch.nn.BatchNorm2d(channels).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(-1.5, 1.5)
+        bn.weight[:3] = torch.tensor([0.0, -1e-3, 1e-3])
+        bn.bias.uniform_(-1, 1)
+    return bn
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CRU(16, 32), lambda: CRU(16, 32, stride=2), lambda: CRU(16, 24, bias=True),
+    lambda: CRU(128, 32, stride=2),  # no PWC2: Y2 is the reused X_low alone
+    lambda: SCConv(16, 32), lambda: SCConv(16, 32, stride=2, gate="hard"),
+], ids=["cru", "cru-stride2", "cru-bias", "cru-no-pwc2", "scconv", "scconv-stride2-hard"])
+def test_absorb_bn_folds_the_host_bn_exactly(make):
+    torch.manual_seed(0)
+    conv = make().eval()
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.normal_(0, 0.3)
+    host = _host_bn(conv.out_channels if hasattr(conv, "out_channels") else conv.cru.out_channels)
+    x = torch.randn(2, conv.cru.in_channels if isinstance(conv, SCConv) else conv.in_channels,
+                    9, 9)
+    second = _host_bn(host.num_features)
+    with torch.no_grad():
+        expected = host(conv(x))
+        expected2 = second(expected)
+        assert conv.absorb_bn(host)
+        out = conv(x)
+        assert conv.absorb_bn(second)  # a second BN composes with the first
+        out2 = conv(x)
+    assert (out - expected).abs().max() / expected.abs().max() < 1e-5
+    assert (out2 - expected2).abs().max() / expected2.abs().max() < 1e-5
+
+
+def test_absorb_bn_declines_what_it_cannot_fold():
+    cru = CRU(16, 32).eval()
+    assert not cru.absorb_bn(torch.nn.BatchNorm2d(16))                       # wrong width
+    assert not cru.absorb_bn(torch.nn.BatchNorm2d(32, track_running_stats=False))
+    assert not cru.absorb_bn(torch.nn.GroupNorm(4, 32))
+    assert cru.fusion_scale is None and cru.fused_upper is None              # untouched
+    for order in ("cs", "parallel"):                                         # SRU last
+        assert not SCConv(16, 16, order=order).eval().absorb_bn(torch.nn.BatchNorm2d(16).eval())

@@ -33,6 +33,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._utils import (
+    bn_scale_shift,
     check_choice,
     check_conv_args,
     check_divisible,
@@ -223,7 +224,7 @@ def _split(t: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
     return t.split(sizes, 1)
 
 
-def _fuse_terms(y1a, y1b, p2, x_low, *, modify_input: bool, keep_diff: bool):
+def _fuse_terms(y1a, y1b, p2, x_low, *, modify_input: bool, keep_diff: bool, logit_scale=None):
     """Eq. 7-9 from the pieces ``Y1 = y1a (+ y1b)`` and ``Y2 = [p2, x_low]`` (Eq. 5-6).
 
     ``Y = beta1 Y1 + (1 - beta1) Y2 = Y2 + beta1 D`` with ``D = Y1 - Y2`` and
@@ -242,7 +243,10 @@ def _fuse_terms(y1a, y1b, p2, x_low, *, modify_input: bool, keep_diff: bool):
         d_low.sub_(x_low)
     else:
         diff.sub_(x_low)
-    beta1 = diff.mean((2, 3), keepdim=True).sigmoid_()             # Eq. 7-8
+    logits = diff.mean((2, 3), keepdim=True)                       # Eq. 7: S1 - S2
+    if logit_scale is not None:  # set by CRU.absorb_bn: S1 - S2 of the unscaled branches
+        logits = logits * logit_scale
+    beta1 = logits.sigmoid_()                                       # Eq. 8
     y = diff * beta1 if keep_diff else diff.mul_(beta1)             # Eq. 9
     if sizes:
         y_p2, y_low = (d_p2, d_low) if y is diff else _split(y, sizes)
@@ -275,6 +279,18 @@ class _CRUFuse(torch.autograd.Function):
         dy2 = grad - dy1                                           # (1 - beta1) dY - dS / HW
         dp2, dlow = dy2.split([c2, dy2.shape[1] - c2], 1) if c2 else (None, dy2)
         return dy1, dy1 if has_y1b else None, dp2, dlow
+
+
+@torch.no_grad()
+def _scale_out(conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    """``conv(x) -> a * conv(x) (+ b)`` per output channel, in place."""
+    conv.weight.mul_(a.view(-1, 1, 1, 1))
+    if conv.bias is not None:
+        conv.bias.mul_(a)
+        if b is not None:
+            conv.bias.add_(b)
+    elif b is not None:
+        conv.bias = nn.Parameter(b.clone())
 
 
 def _lean(module: nn.Module) -> bool:
@@ -592,6 +608,10 @@ class CRU(nn.Module):
         # weights concatenated once for the 2-group squeeze conv
         self.fused_upper: nn.Conv2d | None = None
         self.register_buffer("squeeze_weight", None, persistent=False)
+        # set by absorb_bn: 1/a on the fusion logits, a*X_low + b on the reused channels
+        self.register_buffer("fusion_scale", None)
+        self.register_buffer("reuse_scale", None)
+        self.register_buffer("reuse_shift", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.transform_fuse(*self.split_squeeze(x))
@@ -606,11 +626,13 @@ class CRU(nn.Module):
             y1a, y1b = self.gwc(x_up), self.pwc1(downsample(x_up, self.stride))
         # Eq. 6: Y2 = PWC2(X_low) U X_low   (feature reuse)
         p2 = None if self.pwc2 is None else self.pwc2(x_low)
+        if self.reuse_scale is not None:  # absorb_bn: the host BN's affine on the reused part
+            x_low = torch.addcmul(self.reuse_shift, x_low, self.reuse_scale)
         # Eq. 7-9: Y = beta1 Y1 + beta2 Y2
-        if _lean(self):
+        if _lean(self) and self.fusion_scale is None:
             return _CRUFuse.apply(y1a, y1b, p2, x_low)
         return _fuse_terms(y1a, y1b, p2, x_low, modify_input=True,
-                           keep_diff=torch.is_grad_enabled())[0]
+                           keep_diff=torch.is_grad_enabled(), logit_scale=self.fusion_scale)[0]
 
     def transform(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split and Transform: return (Y1, Y2) of Eq. 5 and 6."""
@@ -698,6 +720,43 @@ class CRU(nn.Module):
         del self.gwc, self.pwc1
         return self
 
+    @torch.no_grad()
+    def absorb_bn(self, bn: nn.Module) -> bool:
+        r"""Fold an eval-mode BN applied to this module's output into it, in place (inference).
+
+        Called by :func:`leanconv.prepare_for_inference` for the host network's BN after the
+        CRU; runs :meth:`fuse_for_inference` first. Returns ``False`` (nothing changed) for
+        anything but a ``BatchNorm2d`` with running statistics over ``out_channels``.
+
+        The BN is ``a * Y + b`` per channel; as beta1 + beta2 = 1,
+        ``a Y + b = beta1 (a Y1 + b) + beta2 (a Y2 + b)``: the convs producing Y1 and PWC2's
+        part of Y2 take ``a`` and ``b`` into their weights and biases, the reused X_low part of
+        Y2 gets an explicit per-channel affine (after PWC2 has read the unscaled X_low). The
+        fusion logits are not invariant, ``GAP(a Y1 + b) - GAP(a Y2 + b) = a (S1 - S2)``, so
+        they are multiplied by ``1/a`` (buffer ``fusion_scale``; ``a = 0`` channels output ``b``
+        whatever beta1 is, and get 0).
+        """
+        if not (isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
+                and bn.running_var is not None and bn.num_features == self.out_channels):
+            return False
+        self.fuse_for_inference()
+        a, b = bn_scale_shift(bn)
+        upper = [self.fused_upper] if self.fused_upper is not None else [self.pwc1, self.gwc]
+        for conv in upper[:-1]:
+            _scale_out(conv, a)
+        _scale_out(upper[-1], a, b)
+        c2 = 0 if self.pwc2 is None else self.pwc2.out_channels
+        if self.pwc2 is not None:
+            _scale_out(self.pwc2, a[:c2], b[:c2])
+        inv = torch.where(a != 0, 1 / a, torch.zeros_like(a)).view(1, -1, 1, 1)
+        low_a, low_b = a[c2:].view(1, -1, 1, 1), b[c2:].view(1, -1, 1, 1)
+        if self.reuse_scale is not None:  # a second BN: compose with the first affine
+            low_b = low_a * self.reuse_shift + low_b
+            low_a = low_a * self.reuse_scale
+            inv = inv * self.fusion_scale
+        self.reuse_scale, self.reuse_shift, self.fusion_scale = low_a, low_b, inv
+        return True
+
 
 @register_conv("scconv")
 class SCConv(nn.Module):
@@ -778,3 +837,13 @@ class SCConv(nn.Module):
         self.sru.fuse_for_inference()
         self.cru.fuse_for_inference()
         return self
+
+    @torch.no_grad()
+    def absorb_bn(self, bn: nn.Module) -> bool:
+        """Fold the host network's BN after SCConv into its CRU (``order="sc"``, where the CRU
+        is the last step; see :meth:`CRU.absorb_bn`). Other orders end in the SRU's gate or a
+        sum with it and return ``False``."""
+        if self.order != "sc":
+            return False
+        self.sru.fuse_for_inference()
+        return self.cru.absorb_bn(bn)
