@@ -529,10 +529,9 @@ class CRU(nn.Module):
     keeps only :math:`D = Y_1 - Y_2` and :math:`\beta_1` for backward (not Y1 and Y2):
     :math:`dY_1 = \beta_1 dY + s`, :math:`dY_2 = dY - dY_1`, :math:`s = \beta_1 (1 - \beta_1)
     \mathrm{sum}_{HW}(dY \odot D) / HW`. It computes :math:`\beta_1 = \sigma(\mathrm{GAP}(D))`,
-    equal to Eq. 8's :math:`\sigma(S_1 - S_2)` up to float rounding. A BN after the CRU is not
-    absorbed: :math:`a Y + b = \beta_1 (a Y_1 + b) + \beta_2 (a Y_2 + b)` holds, but
-    :math:`\beta` must come from the unscaled GAPs, which a folded conv no longer gives without
-    dividing by the BN scale (zero for zero-initialised BNs).
+    equal to Eq. 8's :math:`\sigma(S_1 - S_2)` up to float rounding. A BN after the CRU is
+    absorbed by :meth:`absorb_bn` (inference): :math:`a Y + b = \beta_1 (a Y_1 + b) + \beta_2
+    (a Y_2 + b)`, with the fusion logits multiplied by :math:`1/a` (0 where :math:`a = 0`).
     At stride 1 with an even split the two squeeze convs run as one 2-group 1x1 conv.
     :meth:`fuse_for_inference` (stride 1 only) merges GWC + PWC1 into one dense k x k conv
     (PWC1 added to the centre tap of the per-group-expanded GWC weight; exact). The fused conv
