@@ -157,10 +157,19 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, shift: bool = True) -> None:
     conv's before the BN, where the other conv receives the shift.
     """
     scale, offset = bn_scale_shift(bn)
-    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    scale_conv(conv, scale, offset if shift else None)
+
+
+@torch.no_grad()
+def scale_conv(conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    """``conv(x) -> a * conv(x) + b`` per output channel, in place (``b=None``: no shift).
+
+    How a module's ``absorb_bn`` takes a following BN's ``a * y + b`` into its convs.
+    """
+    conv.weight.mul_(a.view(-1, 1, 1, 1))
     if conv.bias is not None:
-        conv.bias.mul_(scale)
-        if shift:
-            conv.bias.add_(offset)
-    elif shift:
-        conv.bias = nn.Parameter(offset.clone())
+        conv.bias.mul_(a)
+        if b is not None:
+            conv.bias.add_(b)
+    elif b is not None:
+        conv.bias = nn.Parameter(b.clone())

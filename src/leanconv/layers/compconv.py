@@ -25,6 +25,7 @@ from ._utils import (
     check_conv_args,
     check_positive_int,
     downsample,
+    scale_conv,
 )
 from .registry import register_conv
 
@@ -378,9 +379,7 @@ class CompConv(nn.Module):
         scale, shift = scale[order], shift[order]
         tail = self.tail_channels
         if self.tail_conv is not None:
-            conv = self.tail_conv
-            conv.weight.mul_(scale[:tail].view(-1, 1, 1, 1))
-            conv.bias = nn.Parameter(shift[:tail].clone())
+            scale_conv(self.tail_conv, scale[:tail], shift[:tail])
         self.part_scale = scale[tail:].view(1, -1, 1, 1).clone()
         self.part_shift = shift[tail:].view(1, -1, 1, 1).clone()
         self.bias = None

@@ -41,6 +41,7 @@ from ._utils import (
     check_ratio,
     downsample,
     fold_bn,
+    scale_conv,
 )
 from .registry import register_conv
 
@@ -279,18 +280,6 @@ class _CRUFuse(torch.autograd.Function):
         dy2 = grad - dy1                                           # (1 - beta1) dY - dS / HW
         dp2, dlow = dy2.split([c2, dy2.shape[1] - c2], 1) if c2 else (None, dy2)
         return dy1, dy1 if has_y1b else None, dp2, dlow
-
-
-@torch.no_grad()
-def _scale_out(conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
-    """``conv(x) -> a * conv(x) (+ b)`` per output channel, in place."""
-    conv.weight.mul_(a.view(-1, 1, 1, 1))
-    if conv.bias is not None:
-        conv.bias.mul_(a)
-        if b is not None:
-            conv.bias.add_(b)
-    elif b is not None:
-        conv.bias = nn.Parameter(b.clone())
 
 
 def _lean(module: nn.Module) -> bool:
@@ -742,11 +731,11 @@ class CRU(nn.Module):
         a, b = bn_scale_shift(bn)
         upper = [self.fused_upper] if self.fused_upper is not None else [self.pwc1, self.gwc]
         for conv in upper[:-1]:
-            _scale_out(conv, a)
-        _scale_out(upper[-1], a, b)
+            scale_conv(conv, a)
+        scale_conv(upper[-1], a, b)
         c2 = 0 if self.pwc2 is None else self.pwc2.out_channels
         if self.pwc2 is not None:
-            _scale_out(self.pwc2, a[:c2], b[:c2])
+            scale_conv(self.pwc2, a[:c2], b[:c2])
         inv = torch.where(a != 0, 1 / a, torch.zeros_like(a)).view(1, -1, 1, 1)
         low_a, low_b = a[c2:].view(1, -1, 1, 1), b[c2:].view(1, -1, 1, 1)
         if self.reuse_scale is not None:  # a second BN: compose with the first affine

@@ -26,6 +26,7 @@ from ._utils import (
     check_divisible,
     check_positive_int,
     fold_bn,
+    scale_conv,
 )
 from .registry import register_conv
 
@@ -387,8 +388,7 @@ class SlimConv(nn.Module):
             shift = shift + self.bias
         for conv, s, b in ((self.top_conv, scale[:top], shift[:top]),
                            (self.bottom_conv, scale[top:], shift[top:])):
-            conv.weight.mul_(s.view(-1, 1, 1, 1))
-            conv.bias = nn.Parameter(b.clone())
+            scale_conv(conv, s, b)
         self.fc1_bn = nn.Identity()
         self.bottom_reduce_bn = nn.Identity()
         self.bn = nn.Identity()
@@ -413,8 +413,7 @@ class SlimConv(nn.Module):
         top = self.top_conv.out_channels
         for conv, a, b in ((self.top_conv, scale[:top], shift[:top]),
                            (self.bottom_conv, scale[top:], shift[top:])):
-            conv.weight.mul_(a.view(-1, 1, 1, 1))
-            conv.bias.mul_(a).add_(b)
+            scale_conv(conv, a, b)
         return True
 
     def extra_repr(self) -> str:

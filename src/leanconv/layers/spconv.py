@@ -24,6 +24,7 @@ from ._utils import (
     check_ratio,
     downsample,
     fold_bn,
+    scale_conv,
 )
 from .registry import register_conv
 
@@ -67,18 +68,6 @@ def _bn_affine(weight, bias, mean, invstd):
     a = invstd if weight is None else invstd * weight
     c = -mean * a if bias is None else bias - mean * a
     return a.view(1, -1, 1, 1), c.view(1, -1, 1, 1)
-
-
-@torch.no_grad()
-def _scale_conv(conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
-    """``conv(x) -> a * conv(x) + b`` per output channel, in place (``b=None``: no shift)."""
-    conv.weight.mul_(a.view(-1, 1, 1, 1))
-    if conv.bias is not None:
-        conv.bias.mul_(a)
-        if b is not None:
-            conv.bias.add_(b)
-    elif b is not None:
-        conv.bias = nn.Parameter(b.clone())
 
 
 @torch.no_grad()
@@ -464,8 +453,8 @@ class SPConv(nn.Module):
         a, b = bn_scale_shift(bn)
         softmax = self.fusion == "softmax" and self.red_channels > 0
         if self.pwc_merged is not None:  # fusion="sum": U3 + one dense 1x1 conv, b once
-            _scale_conv(self.conv_kxk, a)
-            _scale_conv(self.pwc_merged, a, b)
+            scale_conv(self.conv_kxk, a)
+            scale_conv(self.pwc_merged, a, b)
         else:
             # The convs producing U3 (the last gets b), then the redundant PWC (b too with the
             # softmax fusion, where Y is a convex combination of the branches).
@@ -473,10 +462,10 @@ class SPConv(nn.Module):
                 self.pwc if self.representative == "gwc-then-pwc" else self.conv_kxk]
             rep_convs = [conv for conv in rep_convs if conv is not None]
             for conv in rep_convs[:-1]:
-                _scale_conv(conv, a)
-            _scale_conv(rep_convs[-1], a, b)
+                scale_conv(conv, a)
+            scale_conv(rep_convs[-1], a, b)
             if self.pwc_red is not None:
-                _scale_conv(self.pwc_red, a, b if softmax else None)
+                scale_conv(self.pwc_red, a, b if softmax else None)
         if softmax:
             inv = torch.where(a != 0, 1 / a, torch.zeros_like(a))
             self.fusion_scale = inv if self.fusion_scale is None else self.fusion_scale * inv
