@@ -173,3 +173,10 @@ def scale_conv(conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor | None = None) 
             conv.bias.add_(b)
     elif b is not None:
         conv.bias = nn.Parameter(b.clone())
+
+
+def foldable_bn(bn: nn.Module, channels: int) -> bool:
+    """Whether ``bn`` is a BatchNorm2d (or SyncBatchNorm) over ``channels`` channels with running
+    statistics: what an ``absorb_bn`` can fold (anything else is declined, nothing changed)."""
+    return (isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) and bn.running_mean is not None
+            and bn.running_var is not None and bn.num_features == channels)

@@ -25,6 +25,7 @@ from ._utils import (
     check_conv_args,
     check_positive_int,
     downsample,
+    foldable_bn,
     scale_conv,
 )
 from .registry import register_conv
@@ -369,7 +370,7 @@ class CompConv(nn.Module):
         ``bias`` of the module is folded into that shift. Exact up to float rounding; returns
         True. Called by :func:`leanconv.prepare_for_inference`.
         """
-        if bn.running_mean is None or bn.running_var is None or self.part_scale is not None:
+        if not foldable_bn(bn, self.out_channels) or self.part_scale is not None:
             return False
         scale, shift = bn_scale_shift(bn)
         if self.bias is not None:

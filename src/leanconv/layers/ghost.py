@@ -12,7 +12,13 @@ import math
 import torch
 from torch import nn
 
-from ._utils import bn_scale_shift, check_conv_args, check_positive_int, same_padding
+from ._utils import (
+    bn_scale_shift,
+    check_conv_args,
+    check_positive_int,
+    foldable_bn,
+    same_padding,
+)
 from .registry import register_conv
 
 __all__ = ["GhostConv"]
@@ -139,7 +145,7 @@ class GhostConv(nn.Module):
         is folded into the shifts. This replaces a full pass of the BN by a pass over the m
         intrinsic channels. Returns True; called by :func:`leanconv.prepare_for_inference`.
         """
-        if bn.running_mean is None or bn.running_var is None or self.intrinsic_scale is not None:
+        if not foldable_bn(bn, self.out_channels) or self.intrinsic_scale is not None:
             return False
         scale, shift = bn_scale_shift(bn)
         if self.bias is not None:

@@ -41,6 +41,7 @@ from ._utils import (
     check_ratio,
     downsample,
     fold_bn,
+    foldable_bn,
     scale_conv,
 )
 from .registry import register_conv
@@ -465,7 +466,7 @@ class SRU(nn.Module):
     def absorb_bn(self, bn: nn.BatchNorm2d) -> bool:
         """Fold an eval-mode BN that follows this module into its k x k conv (exact: the conv is
         the last, linear step). Called by :func:`leanconv.prepare_for_inference`."""
-        if bn.running_mean is None or bn.running_var is None:
+        if not foldable_bn(bn, self.conv.out_channels):
             return False
         fold_bn(self.conv, bn)
         return True
@@ -724,8 +725,7 @@ class CRU(nn.Module):
         they are multiplied by ``1/a`` (buffer ``fusion_scale``; ``a = 0`` channels output ``b``
         whatever beta1 is, and get 0).
         """
-        if not (isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
-                and bn.running_var is not None and bn.num_features == self.out_channels):
+        if not foldable_bn(bn, self.out_channels):
             return False
         self.fuse_for_inference()
         a, b = bn_scale_shift(bn)

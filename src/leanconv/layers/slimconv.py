@@ -26,6 +26,7 @@ from ._utils import (
     check_divisible,
     check_positive_int,
     fold_bn,
+    foldable_bn,
     scale_conv,
 )
 from .registry import register_conv
@@ -405,8 +406,7 @@ class SlimConv(nn.Module):
         the bottom k x k convs' weights and biases. Returns ``False`` (nothing changed) for
         anything but a ``BatchNorm2d`` with running statistics over ``out_channels`` channels.
         """
-        if not (isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
-                and bn.running_var is not None and bn.num_features == self.out_channels):
+        if not foldable_bn(bn, self.out_channels):
             return False
         self.fuse_for_inference()
         scale, shift = bn_scale_shift(bn)

@@ -24,6 +24,7 @@ from ._utils import (
     check_ratio,
     downsample,
     fold_bn,
+    foldable_bn,
     scale_conv,
 )
 from .registry import register_conv
@@ -446,8 +447,7 @@ class SPConv(nn.Module):
         the original beta by multiplying ``S3 - S1`` by ``1/a`` per channel (buffer
         ``fusion_scale``; channels with ``a = 0`` output ``b`` whatever beta is, and get 0).
         """
-        if not (isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
-                and bn.running_var is not None and bn.num_features == self.out_channels):
+        if not foldable_bn(bn, self.out_channels):
             return False
         self.fuse_for_inference()
         a, b = bn_scale_shift(bn)
