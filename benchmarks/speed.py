@@ -117,9 +117,9 @@ def evaluate_bars(rows: dict[str, list[dict]], paths: list[str],
                 continue
             ok = (train["train_ratio"] >= MIN_TRAIN_RATIO and train["memory_ratio"] is not None
                   and train["memory_ratio"] <= MAX_MEMORY_RATIO)
-            better = (v["training"] is None or (ok and not v["training"])
-                      or (ok == v["training"] and train["train_ratio"] > v["train_ratio"]))
-            if better:
+            # the best layout: a passing one first, then the higher images/s ratio
+            if v["training"] is None or (ok, train["train_ratio"]) > (v["training"],
+                                                                       v["train_ratio"]):
                 v.update(training=ok, train_ratio=train["train_ratio"],
                          memory_ratio=train["memory_ratio"], train_layout=layout)
         verdicts.append(v)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from helpers import randomize_bns
 from leanconv.layers import CompConv, conv_hparams, create_conv
 from leanconv.layers._utils import channel_shuffle
 from leanconv.layers.compconv import adaptive_depth, compconv_layout
@@ -438,13 +439,7 @@ def test_prepared_resnet_with_compconv_matches():
 
     torch.manual_seed(0)
     model = leanconv.create_model("resnet20", conv="compconv", num_classes=10)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
+    randomize_bns(model)
     model.eval()
     fast = leanconv.prepare_for_inference(model)
     n_absorbed = sum(m.part_scale is not None for m in fast.modules() if isinstance(m, CompConv))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from helpers import randomize_bns
 from leanconv.layers import GhostConv, create_conv
 
 
@@ -176,13 +177,7 @@ def test_prepared_resnet_with_ghost_matches():
 
     torch.manual_seed(0)
     model = leanconv.create_model("resnet20", conv="ghost", num_classes=10)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
+    randomize_bns(model)
     model.eval()
     fast = leanconv.prepare_for_inference(model)
     ghosts = [m for m in fast.modules() if isinstance(m, GhostConv)]

@@ -7,21 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import randomize_bns
 from leanconv.layers import SPConv, create_conv
 
 
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
-
-
-def randomize_bns(module):
-    """Non-trivial BN statistics and affine parameters, so that folding is really tested."""
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
 
 
 def expected_params(L, M, k=3, alpha=0.5, g=2, representative="gwc+pwc", redundant=True,
