@@ -102,11 +102,28 @@ SP_CASES = [
 @pytest.mark.parametrize("hparams", SP_CASES, ids=str)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("batch,size", [(3, 9), (1, 6)])
-def test_spconv_lean_training_matches_plain_autograd(hparams, stride, batch, size):
+@pytest.mark.parametrize("in_channels", [16, 40])  # 4 / 10 channels per GWC group
+def test_spconv_lean_training_matches_plain_autograd(hparams, stride, batch, size, in_channels):
     torch.manual_seed(0)
-    conv = SPConv(16, 24, stride=stride, **hparams).train()
+    conv = SPConv(in_channels, 24, stride=stride, **hparams).train()
     randomize(conv)
-    assert_same_training_steps(conv, sp_reference, 16, batch, size)
+    assert_same_training_steps(conv, sp_reference, in_channels, batch, size)
+
+
+@pytest.mark.parametrize("in_channels,stride,convs", [(16, 1, 2), (40, 1, 3), (16, 2, 3)])
+def test_spconv_training_runs_eq3_as_one_dense_conv_for_small_groups(in_channels, stride, convs):
+    # GWC + PWC as one dense conv at stride 1 with <= 8 channels per group (the reference
+    # comparisons above check that it is the same function and gradients); eval keeps both
+    # convs, so that profiles count Eq. 9's MACs.
+    conv = SPConv(in_channels, 24, stride=stride).train()
+    x = torch.randn(2, in_channels, 8, 8, requires_grad=True)
+    with _CountOps() as counter:
+        conv(x)
+    assert counter.ops["aten.convolution"] == convs
+    conv.eval()
+    with _CountOps() as counter, torch.no_grad():
+        conv(x)
+    assert counter.ops["aten.convolution"] == 3
 
 
 def test_spconv_bn_bookkeeping_follows_batchnorm2d():
@@ -168,11 +185,15 @@ def _saved_bytes(module, x):
     return saved_tensor_bytes(module, x.clone().requires_grad_(), backward=False).bytes
 
 
-def test_spconv_keeps_only_input_and_pre_bn_map():
+@pytest.mark.parametrize("channels,dense", [(32, True), (64, False)])
+def test_spconv_keeps_only_input_and_pre_bn_map(channels, dense):
     torch.manual_seed(0)
-    conv = SPConv(32, 32)
-    x = torch.randn(4, 32, 8, 8)
+    conv = SPConv(channels, channels)  # 8 or 16 channels per GWC group
+    assert conv._densify() is dense
+    x = torch.randn(4, channels, 8, 8)
     saved = _saved_bytes(conv, x)
+    if dense:  # Eq. 3 as one dense conv keeps its computed (non-parameter) weight too
+        saved -= channels * conv.rep_channels * 9 * 4
     # the input (for the convs) and Z3 (one output-sized map), plus per-channel statistics;
     # plain autograd keeps X, Z3, Z1, U3 and U1 (5 maps).
     assert 2 * x.nbytes <= saved < 2.05 * x.nbytes
@@ -240,6 +261,9 @@ def _count(fn, x):
 @pytest.mark.parametrize("stride", [1, 2])
 def test_no_more_aten_ops_than_plain_autograd(make, plain, stride):
     conv = make(stride).train()
+    # the dense Eq. 3 (tested above) builds its weight with a few weight-sized ops; here the
+    # separate GWC + PWC, as in the plain path
+    conv.DENSIFY_MAX_GROUP_CHANNELS = 0
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
     lean = _count(conv, x)
     assert lean <= _count(plain(copy.deepcopy(conv)), x) - (2 if isinstance(conv, SPConv) else 0)
