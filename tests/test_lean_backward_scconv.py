@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from leanconv import CRU, SRU, SCConv
 from leanconv.bench import saved_tensor_bytes
@@ -95,6 +96,7 @@ MODULES = [
     ("cru-s2", lambda: CRU(16, 32, 3, 2, bias=True)),
     ("cru-uneven", lambda: CRU(32, 24, split_ratio=0.75, gwc_groups=4)),
     ("cru-no-pwc2", lambda: CRU(32, 8)),
+    ("cru-10-per-group", lambda: CRU(80, 32)),  # above the dense Eq. 5 limit: two convs
     ("scconv", lambda: SCConv(16, 16)),
     ("scconv-s2", lambda: SCConv(16, 32, 3, 2)),
     ("scconv-hard", lambda: SCConv(16, 16, gate="hard")),
@@ -120,6 +122,33 @@ def test_forward_and_gradients_match_reference(name, make, train):
         assert_rel_close(gp[n], gp_ref[n])
     with torch.no_grad():  # the in-place inference path
         assert_rel_close(module.eval()(x), y_ref)
+
+
+# convolutions per forward: the squeezes (one 2-group conv at stride 1 with an even split),
+# Eq. 5 (GWC + PWC1, or one dense conv), PWC2
+@pytest.mark.parametrize("make,train_convs,eval_convs", [
+    (lambda: CRU(16, 16), 3, 4),        # 2 channels per GWC group: Eq. 5 as one dense conv
+    (lambda: CRU(80, 32), 4, 4),        # 10 per group: GWC and PWC1
+    (lambda: CRU(16, 16, 3, 2), 5, 5),  # stride 2: PWC1 reads the pooled input
+])
+def test_cru_training_runs_eq5_as_one_dense_conv_for_small_groups(make, train_convs,
+                                                                  eval_convs):
+    m = make().train()
+    x = torch.randn(2, m.in_channels, 8, 8, requires_grad=True)
+    with _CountConvs() as counter:
+        m(x)
+    assert counter.convs == train_convs
+    with _CountConvs() as counter, torch.no_grad():  # eval: Eq. 11's convs, for profiles
+        m.eval()(x)
+    assert counter.convs == eval_convs
+
+
+class _CountConvs(TorchDispatchMode):
+    convs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.convs += func.overloadpacket is torch.ops.aten.convolution
+        return func(*args, **(kwargs or {}))
 
 
 def test_sru_unit_forward_bit_identical():
@@ -161,6 +190,10 @@ def test_saved_tensor_bytes_shrink(make, before, after):
     m = make()
     x = torch.randn(8, 16, 16, 16)
     saved = saved_tensor_bytes(m, x).bytes
+    cru = m if isinstance(m, CRU) else getattr(m, "cru", None)
+    if cru is not None:  # training runs Eq. 5 as one dense conv: its built weight is saved too
+        assert cru.gwc.in_channels // cru.gwc_groups <= 8
+        saved -= cru.gwc.out_channels * cru.gwc.in_channels * 9 * x.element_size()
     ratio = saved / (x.numel() * x.element_size())
     assert ratio <= after < before
     ref = saved_tensor_bytes(_Ref(m), x).bytes / (x.numel() * x.element_size())

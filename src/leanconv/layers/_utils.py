@@ -27,6 +27,7 @@ __all__ = [
     "check_positive_int",
     "check_ratio",
     "conv_output_size",
+    "dense_gwc_pwc_weight",
     "downsample",
     "fold_bn",
     "same_padding",
@@ -180,3 +181,30 @@ def foldable_bn(bn: nn.Module, channels: int) -> bool:
     statistics: what an ``absorb_bn`` can fold (anything else is declined, nothing changed)."""
     return (isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) and bn.running_mean is not None
             and bn.running_var is not None and bn.num_features == channels)
+
+
+# Largest group (input channels per group) of a k x k group-wise conv that SPConv and CRU run
+# as one dense conv together with their parallel 1x1 conv (see dense_gwc_pwc_weight).
+DENSE_MAX_GROUP_CHANNELS = 8
+
+
+def dense_gwc_pwc_weight(gwc_weight: torch.Tensor, groups: int,
+                         pwc_weight: torch.Tensor) -> torch.Tensor:
+    """Weight of one dense k x k conv computing ``GWC(x) + PWC(x)`` (same padding, stride 1,
+    odd k): the grouped weight in its diagonal blocks, zeros elsewhere, the 1x1 weight added
+    to the centre tap (SPConv Eq. 3, SCConv Eq. 5).
+
+    More MACs (``k*k*C_in*C_out`` instead of ``k*k*C_in*C_out/g + C_in*C_out``) but one conv
+    instead of two and an add; oneDNN's kernels for groups of 2-8 channels run far below its
+    dense throughput, forward and backward (docs/performance.md). Differentiable: in training
+    autograd routes the dense conv's weight gradient back to the blocks and the centre tap.
+    """
+    c_out, in_per_group, k, _ = gwc_weight.shape
+    out_per_group = c_out // groups
+    # (C_out, C_in/g, k, k) grouped -> (g, C_out/g, g, C_in/g, k, k) block-diagonal dense
+    dense = gwc_weight.new_zeros(groups, out_per_group, groups, in_per_group, k, k)
+    idx = torch.arange(groups, device=dense.device)
+    dense[idx, :, idx] = gwc_weight.view(groups, out_per_group, in_per_group, k, k)
+    dense = dense.view(c_out, groups * in_per_group, k, k)
+    centre = F.pad(pwc_weight, [k // 2] * 4)  # the 1x1 weight as the centre tap of a k x k
+    return dense + centre

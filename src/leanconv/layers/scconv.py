@@ -33,12 +33,14 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._utils import (
+    DENSE_MAX_GROUP_CHANNELS,
     bn_scale_shift,
     check_choice,
     check_conv_args,
     check_divisible,
     check_positive_int,
     check_ratio,
+    dense_gwc_pwc_weight,
     downsample,
     fold_bn,
     foldable_bn,
@@ -608,11 +610,7 @@ class CRU(nn.Module):
     def transform_fuse(self, x_up: torch.Tensor, x_low: torch.Tensor) -> torch.Tensor:
         """Transform (Eq. 5-6) and Fuse (Eq. 7-9) from the squeezed parts, without
         concatenating Y2; in training the fusion keeps only D = Y1 - Y2 for backward."""
-        if self.fused_upper is not None:
-            y1a, y1b = self.fused_upper(x_up), None                      # Eq. 5, merged
-        else:
-            # Eq. 5: Y1 = GWC(X_up) + PWC1(X_up)   (the GWC carries the stride)
-            y1a, y1b = self.gwc(x_up), self.pwc1(downsample(x_up, self.stride))
+        y1a, y1b = self._upper(x_up)                                    # Eq. 5
         # Eq. 6: Y2 = PWC2(X_low) U X_low   (feature reuse)
         p2 = None if self.pwc2 is None else self.pwc2(x_low)
         if self.reuse_scale is not None:  # absorb_bn: the host BN's affine on the reused part
@@ -626,14 +624,27 @@ class CRU(nn.Module):
     def transform(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split and Transform: return (Y1, Y2) of Eq. 5 and 6."""
         x_up, x_low = self.split_squeeze(x)
-        if self.fused_upper is not None:
-            y1 = self.fused_upper(x_up)                                  # Eq. 5, merged
-        else:
-            # Eq. 5: Y1 = GWC(X_up) + PWC1(X_up)   (the GWC carries the stride)
-            y1 = self.gwc(x_up) + self.pwc1(downsample(x_up, self.stride))
+        y1a, y1b = self._upper(x_up)                                    # Eq. 5
+        y1 = y1a if y1b is None else y1a + y1b
         # Eq. 6: Y2 = PWC2(X_low) U X_low   (feature reuse)
         y2 = x_low if self.pwc2 is None else torch.cat([self.pwc2(x_low), x_low], dim=1)
         return y1, y2
+
+    def _upper(self, x_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eq. 5, ``Y1 = GWC(X_up) + PWC1(X_up)`` (the GWC carries the stride), as the two terms,
+        or as ``(Y1, None)`` from one dense conv: after :meth:`fuse_for_inference`, and in
+        training at stride 1 with at most ``DENSE_MAX_GROUP_CHANNELS`` channels per GWC group,
+        where the dense conv's weight is rebuilt from the two weights at every step (same
+        function and gradients, faster on oneDNN; eval mode keeps the two convs so that
+        profiles count Eq. 11's MACs)."""
+        if self.fused_upper is not None:
+            return self.fused_upper(x_up), None
+        gwc = self.gwc
+        if (self.training and self.stride == 1
+                and gwc.in_channels // self.gwc_groups <= DENSE_MAX_GROUP_CHANNELS):
+            weight = dense_gwc_pwc_weight(gwc.weight, self.gwc_groups, self.pwc1.weight)
+            return F.conv2d(x_up, weight, gwc.bias, 1, gwc.padding, gwc.dilation), None
+        return gwc(x_up), self.pwc1(downsample(x_up, self.stride))
 
     def split_squeeze(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split alpha*C / (1-alpha)*C channels and squeeze each by r: (X_up, X_low).
@@ -693,13 +704,8 @@ class CRU(nn.Module):
         if self.up_channels == self.low_channels:
             self.squeeze_weight = torch.cat([self.squeeze_up.weight, self.squeeze_low.weight])
         gwc, pwc1 = self.gwc, self.pwc1
-        g, k, c_out, c_in = self.gwc_groups, self.kernel_size, gwc.out_channels, gwc.in_channels
-        # (C2, c_in/g, k, k) grouped -> (g, C2/g, g, c_in/g, k, k) block-diagonal dense
-        dense = gwc.weight.new_zeros(g, c_out // g, g, c_in // g, k, k)
-        idx = torch.arange(g, device=dense.device)
-        dense[idx, :, idx] = gwc.weight.view(g, c_out // g, c_in // g, k, k)
-        dense = dense.view(c_out, c_in, k, k)
-        dense[:, :, k // 2, k // 2] += pwc1.weight[:, :, 0, 0]
+        k, c_out, c_in = self.kernel_size, gwc.out_channels, gwc.in_channels
+        dense = dense_gwc_pwc_weight(gwc.weight, self.gwc_groups, pwc1.weight)
         upper = nn.Conv2d(c_in, c_out, k, 1, gwc.padding, gwc.dilation, bias=gwc.bias is not None,
                           device=dense.device, dtype=dense.dtype)
         upper.weight.copy_(dense)

@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._utils import (
+    DENSE_MAX_GROUP_CHANNELS,
     as_fraction,
     bn_scale_shift,
     check_choice,
     check_conv_args,
     check_positive_int,
     check_ratio,
+    dense_gwc_pwc_weight,
     downsample,
     fold_bn,
     foldable_bn,
@@ -71,29 +73,14 @@ def _bn_affine(weight, bias, mean, invstd):
     return a.view(1, -1, 1, 1), c.view(1, -1, 1, 1)
 
 
-def _dense_weight(gwc_weight: torch.Tensor, groups: int, pwc_weight: torch.Tensor) -> torch.Tensor:
-    """The weight of one dense conv computing ``GWC(x) + PWC(x)`` (Eq. 3; same padding, stride
-    1, odd kernel): the grouped weight in its diagonal blocks (zeros elsewhere), the 1x1 weight
-    added to the centre tap. Differentiable: in training, autograd routes the dense conv's
-    weight gradient back to the two weights (their blocks and the centre tap)."""
-    out_ch, in_per_group, kh, kw = gwc_weight.shape
-    out_per_group = out_ch // groups
-    weight = gwc_weight.new_zeros(out_ch, in_per_group * groups, kh, kw)
-    for g in range(groups):  # block structure of a grouped conv, one copy per group
-        rows = slice(g * out_per_group, (g + 1) * out_per_group)
-        weight[rows, g * in_per_group:(g + 1) * in_per_group] = gwc_weight[rows]
-    weight[:, :, kh // 2, kw // 2] += pwc_weight[:, :, 0, 0]
-    return weight
-
-
 @torch.no_grad()
 def _densify_with_centre(gwc: nn.Conv2d, pwc: nn.Conv2d) -> nn.Conv2d:
-    """One dense conv module computing ``gwc(x) + pwc(x)`` (see :func:`_dense_weight`); biases
-    add up."""
+    """One dense conv module computing ``gwc(x) + pwc(x)`` (see
+    :func:`~leanconv.layers._utils.dense_gwc_pwc_weight`); biases add up."""
     out_ch, _, kh, kw = gwc.weight.shape
     dense = nn.Conv2d(gwc.in_channels, out_ch, (kh, kw), 1, gwc.padding, gwc.dilation, bias=True,
                       device=gwc.weight.device, dtype=gwc.weight.dtype)
-    dense.weight.copy_(_dense_weight(gwc.weight, gwc.groups, pwc.weight))
+    dense.weight.copy_(dense_gwc_pwc_weight(gwc.weight, gwc.groups, pwc.weight))
     bias = torch.zeros(out_ch, device=gwc.weight.device, dtype=gwc.weight.dtype)
     for conv in (gwc, pwc):
         if conv.bias is not None:
@@ -324,7 +311,7 @@ class SPConv(nn.Module):
         # Eq. 3: representative part, k x k GWC and PWC summed (or the P20 / P22 variants).
         if self.training and self._densify():  # the same sum as one dense conv: faster
             conv = self.conv_kxk
-            weight = _dense_weight(conv.weight, conv.groups, self.pwc.weight)
+            weight = dense_gwc_pwc_weight(conv.weight, conv.groups, self.pwc.weight)
             z3 = F.conv2d(x_rep, weight, None, 1, conv.padding, conv.dilation)
         else:
             z3 = self.conv_kxk(x_rep)
@@ -381,7 +368,7 @@ class SPConv(nn.Module):
         return u3 + u1 if self.fusion == "sum" else self._fuse(u3, u1)
 
     # Largest GWC group (input channels per group) computed as one dense conv with PWC.
-    DENSIFY_MAX_GROUP_CHANNELS = 8
+    DENSIFY_MAX_GROUP_CHANNELS = DENSE_MAX_GROUP_CHANNELS
 
     def _densify(self) -> bool:
         """Whether Eq. 3 runs as one dense k x k conv (GWC blocks + PWC in the centre tap).
