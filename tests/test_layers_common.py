@@ -70,11 +70,13 @@ def test_channels_last_train_matches_contiguous(name, stride):
     conv, _ = build(name, stride=stride)
     conv.train().double()
     x = torch.randn(4, 16, 9, 9, dtype=torch.float64)
+    grad = None  # random: a constant gradient would hide a wrongly permuted backward
     results = []
     for fmt in (torch.contiguous_format, torch.channels_last):
         xi = x.clone().to(memory_format=fmt).requires_grad_(True)
         y = conv(xi)
-        y.backward(torch.ones_like(y).to(memory_format=torch.channels_last))
+        grad = torch.randn_like(y) if grad is None else grad
+        y.backward(grad.to(memory_format=fmt))
         results.append((y.detach(), xi.grad, [p.grad.clone() for p in conv.parameters()]))
         conv.zero_grad(set_to_none=True)
     (y0, gx0, gp0), (y1, gx1, gp1) = results
