@@ -355,3 +355,23 @@ def test_where_time_goes_script_splits_conv_time(capsys):
         assert r["conv_ms"] > 0 and r["other_ms"] > 0  # convolutions found, and the rest
         assert all(op not in where.CONV_OPS for op, _ in r["top_other"])
     assert "| ghost |" in capsys.readouterr().out
+
+
+def test_conv_scaling_script_times_each_shape_against_the_base_conv(capsys):
+    scaling = _load_script("conv_scaling")
+    args = scaling.build_parser().parse_args(
+        ["--batch", "2", "--size", "8", "--min-run-time", "0.005", "--threads", "1",
+         "--no-tune-allocator"])
+    rows = scaling.run(args)
+    # MACs per output pixel over the 16 -> 16 3x3 conv's 16 * 16 * 9
+    expected = {"16 -> 16 3x3": 1.0, "16 -> 8 3x3": 0.5, "8 -> 16 3x3": 0.5, "8 -> 8 3x3": 0.25,
+                "4 -> 4 3x3": 1 / 16, "4 -> 16 3x3": 0.25, "8 -> 8 3x3 depthwise": 1 / 32,
+                "8 -> 16 1x1": 8 * 16 / (16 * 16 * 9)}
+    assert {r["conv"]: r["macs_ratio"] for r in rows} == pytest.approx(expected)
+    keys = [(2, layout, mode) for layout in ("NCHW", "channels_last")
+            for mode in ("fwd", "fwd+bwd")]
+    for r in rows:
+        assert list(r["times"]) == keys and all(t > 0 for t, _ in r["times"].values())
+    assert all(ratio == 1.0 for _, ratio in rows[0]["times"].values())
+    print(scaling.format_table(rows, args))
+    assert "| 8 -> 8 3x3 depthwise | 0.03 |" in capsys.readouterr().out
