@@ -374,9 +374,10 @@ class SPConv(nn.Module):
         """Whether Eq. 3 runs as one dense k x k conv (GWC blocks + PWC in the centre tap).
 
         oneDNN's kernels for 4-8 channel groups are far below its dense throughput, forward and
-        backward (CIFAR ResNet-56 stage 1, batch 64, training step of Eq. 3: 6.2 ms as GWC + PWC,
-        4.9 ms dense in channels_last; 14.1 vs 7.0 ms in NCHW). Stride 1 only: at stride 2
-        PWC reads the average-pooled input, not the centre tap. In eval mode the unfused module
+        backward (CIFAR ResNet-56 stage 1, batch 64, 2 threads, forward + backward of Eq. 3:
+        3.9 ms as GWC + PWC, 2.9 ms dense in channels_last; 9.1 vs 4.8 ms in NCHW). Stride 1
+        only: at stride 2 PWC reads the average-pooled input, not the centre tap. In eval mode
+        the unfused module
         keeps the two convs, so that profiles (:func:`leanconv.profile`) count Eq. 9's MACs;
         :meth:`fuse_for_inference` densifies by the same rule.
         """
