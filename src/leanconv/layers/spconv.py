@@ -377,9 +377,8 @@ class SPConv(nn.Module):
         backward (CIFAR ResNet-56 stage 1, batch 64, 2 threads, forward + backward of Eq. 3:
         3.9 ms as GWC + PWC, 2.9 ms dense in channels_last; 9.1 vs 4.8 ms in NCHW). Stride 1
         only: at stride 2 PWC reads the average-pooled input, not the centre tap. In eval mode
-        the unfused module
-        keeps the two convs, so that profiles (:func:`leanconv.profile`) count Eq. 9's MACs;
-        :meth:`fuse_for_inference` densifies by the same rule.
+        the unfused module keeps the two convs, so that profiles (:func:`leanconv.profile`)
+        count Eq. 9's MACs; :meth:`fuse_for_inference` densifies by the same rule.
         """
         return (self.representative == "gwc+pwc" and self.stride == 1
                 and self.rep_channels // self.gwc_groups <= self.DENSIFY_MAX_GROUP_CHANNELS)
