@@ -270,3 +270,19 @@ def test_no_more_aten_ops_than_plain_autograd(make, plain, stride):
     conv.eval()
     with torch.no_grad():
         assert _count(conv, x) <= _count(plain(copy.deepcopy(conv)), x)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_spconv_input_gradient_keeps_the_input_layout(memory_format):
+    # Both channel slices' gradients land in one tensor of x's layout: an NCHW gradient of a
+    # channels_last map would send the layer before down PyTorch's slow mixed-layout kernels.
+    torch.manual_seed(0)
+    conv = SPConv(16, 16).train().to(memory_format=memory_format)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=memory_format).requires_grad_()
+    y = conv(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert x.grad.is_contiguous(memory_format=memory_format)
+    x_ref = x.detach().clone().requires_grad_()
+    sp_reference(copy.deepcopy(conv), x_ref).backward(g)
+    assert_rel(x.grad, x_ref.grad)

@@ -89,6 +89,38 @@ def _densify_with_centre(gwc: nn.Conv2d, pwc: nn.Conv2d) -> nn.Conv2d:
     return dense.eval()
 
 
+class _SplitChannels(torch.autograd.Function):
+    """``(x[:, :c], x[:, c:])`` as views, with a backward that writes both gradients into one
+    tensor in x's memory format.
+
+    Autograd's own backward of two slices zero-fills two full-size tensors in the default
+    (NCHW) format and adds them, which hands a channels_last network NCHW gradients; PyTorch's
+    CPU BatchNorm and ReLU backward run ~10x slower on such mixed layouts (docs/performance.md).
+    """
+
+    @staticmethod
+    def forward(ctx, x, c):
+        ctx.c, ctx.shape = c, x.shape
+        ctx.memory_format = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+                             and x.is_contiguous(memory_format=torch.channels_last)
+                             else torch.contiguous_format)
+        return x[:, :c], x[:, c:]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_first, g_second):
+        c = ctx.c
+        like = g_first if g_first is not None else g_second
+        grad = torch.empty(ctx.shape, dtype=like.dtype, device=like.device,
+                           memory_format=ctx.memory_format)
+        for part, g in ((grad[:, :c], g_first), (grad[:, c:], g_second)):
+            if g is None:
+                part.zero_()
+            else:
+                part.copy_(g)
+        return grad, None
+
+
 class _LeanFusion(torch.autograd.Function):
     r"""Training-mode tail of SPConv with a lean backward (Eq. 2 right term, Eq. 4-6, both BNs).
 
@@ -302,12 +334,16 @@ class SPConv(nn.Module):
             return self._forward_fused(x)
         # Eq. 2: split the input channels into the representative and the redundant part.
         c3, c1 = self.rep_channels, self.red_channels
-        x_rep = x[:, :c3]  # a view: convolutions read channel slices without a copy
+        # views: convolutions read channel slices without a copy
+        if self.stride == 1 and c1 and torch.is_grad_enabled():
+            x_rep, x_red = _SplitChannels.apply(x, c3)  # one gradient buffer in x's layout
+        else:
+            x_rep, x_red = x[:, :c3], x[:, c3:c3 + c1]
         # The 1x1 paths see the input pooled to the output size (pooled once for both parts).
-        xp, xp_rep = x, x_rep
+        xp_rep = x_rep
         if self.stride > 1 and (c1 or self.representative == "gwc+pwc"):
             xp = downsample(x if c1 else x_rep, self.stride)
-            xp_rep = xp[:, :c3]
+            xp_rep, x_red = xp[:, :c3], xp[:, c3:c3 + c1]
         # Eq. 3: representative part, k x k GWC and PWC summed (or the P20 / P22 variants).
         if self.training and self._densify():  # the same sum as one dense conv: faster
             conv = self.conv_kxk
@@ -325,13 +361,13 @@ class SPConv(nn.Module):
             # Training: the same maths with a lean backward (_LeanFusion): Eq. 2 right term,
             # both BNs and Eq. 4-6, keeping only Z3 for backward.
             _check_batch_stats(z3)
-            y = _LeanFusion.apply(z3, xp[:, c3:c3 + c1], self.pwc_red.weight, self.bn_rep.weight,
+            y = _LeanFusion.apply(z3, x_red, self.pwc_red.weight, self.bn_rep.weight,
                                   self.bn_rep.bias, self.bn_red.weight, self.bn_red.bias,
                                   _bn_train_args(self.bn_rep), _bn_train_args(self.bn_red))
             return self._add_bias(y)
         # Redundant part: 1x1 conv on the remaining channels.
         u3 = self.bn_rep(z3)
-        u1 = self.bn_red(self.pwc_red(xp[:, c3:c3 + c1]))
+        u1 = self.bn_red(self.pwc_red(x_red))
         return self._add_bias(self._fuse(u3, u1))
 
     def _fuse(self, u3: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
