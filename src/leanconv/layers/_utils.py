@@ -30,6 +30,7 @@ __all__ = [
     "dense_gwc_pwc_weight",
     "downsample",
     "fold_bn",
+    "is_channels_last",
     "same_padding",
 ]
 
@@ -137,6 +138,13 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     batch, channels, height, width = x.shape
     x = x.view(batch, groups, channels // groups, height, width).transpose(1, 2)
     return x.reshape(batch, channels, height, width)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is (strictly) channels_last, so outputs and gradients should be produced in
+    that layout (a 4-D tensor that is NHWC-contiguous and not NCHW-contiguous)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from ._utils import (
     check_positive_int,
     downsample,
     foldable_bn,
+    is_channels_last,
     scale_conv,
 )
 from .registry import register_conv
@@ -345,7 +346,7 @@ class CompConv(nn.Module):
         # Integrate all recursive results (Sec. 3.3), then shuffle in 4 groups (Sec. 4.2):
         # one copy into the shuffled order (no concatenated intermediate).
         if self._shuffle_groups is not None:
-            if not _channels_last(x):
+            if not is_channels_last(x):
                 groups = [_gather(parts, segments) for segments in self._shuffle_groups]
                 out = torch.stack(groups, dim=2).flatten(1, 2)
             elif torch.is_grad_enabled():  # same values, a backward that stays channels_last
@@ -434,12 +435,6 @@ def _group_segments(widths: tuple[int, ...], groups: int) -> tuple[_Segments, ..
         plan.append(tuple((i, max(lo, a) - a, min(hi, b) - a) for i, a, b in bounds
                           if a < hi and b > lo))
     return tuple(plan)
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    """Whether ``x`` is (strictly) channels_last, so outputs should be produced in that layout."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last)
 
 
 def _shuffle_channels_last(parts: list[torch.Tensor], plan) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ._utils import (
     downsample,
     fold_bn,
     foldable_bn,
+    is_channels_last,
     scale_conv,
 )
 from .registry import register_conv
@@ -101,8 +102,7 @@ class _SplitChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, c):
         ctx.c, ctx.shape = c, x.shape
-        ctx.memory_format = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
-                             and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.memory_format = (torch.channels_last if is_channels_last(x)
                              else torch.contiguous_format)
         return x[:, :c], x[:, c:]
 
