@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import randomize_bns
 from leanconv.layers import SlimConv, conv_hparams, conv_out_channels, create_conv
 
 # k -> r (summed chunks); k = 2r/3 (SlimConv Table 10) and k = 1 (SCConv paper Tables 2-3)
@@ -475,13 +476,8 @@ def test_prepared_resnet_matches(placement):
     from leanconv.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("resnet20", conv="slimconv", num_classes=10, placement=placement)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
+    model = randomize_bns(create_model("resnet20", conv="slimconv", num_classes=10,
+                                       placement=placement))
     model.eval()
     prepared = prepare_for_inference(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
