@@ -20,8 +20,10 @@ def _default_predicate(name: str, conv: nn.Conv2d) -> bool:
 
 def convert_convs(
     model: nn.Module,
-    conv: str,
+    conv: str | None = None,
     predicate: Callable[[str, nn.Conv2d], bool] | None = None,
+    *,
+    plan=None,
     **hparams,
 ) -> nn.Module:
     """Replace, in place, every ``nn.Conv2d`` of ``model`` chosen by ``predicate`` with ``conv``.
@@ -31,9 +33,22 @@ def convert_convs(
     a conv type that cannot produce the same width (SlimConv with k != 1) raises ``ValueError``
     naming the layer. Returns ``model``.
 
+    ``plan`` (a :class:`leanconv.plan.Plan`, its dict or a plan JSON file) instead gives each
+    planned layer its own conv type and hyperparameters (``conv``, ``predicate`` and ``hparams``
+    must then be left out).
+
     >>> import torchvision
     >>> model = convert_convs(torchvision.models.resnet18(), "spconv", split_ratio=0.5)
     """
+    if plan is not None:
+        if conv is not None or predicate is not None or hparams:
+            raise ValueError("convert_convs: give either plan= or conv (with predicate and "
+                             "hyperparameters), not both")
+        from ..plan import apply_plan  # the planner sits above the layers; imported when used
+
+        return apply_plan(model, plan)
+    if conv is None:
+        raise ValueError("convert_convs needs conv (a registered conv type) or plan=")
     predicate = predicate or _default_predicate
     targets = [
         (name, module)

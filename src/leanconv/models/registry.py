@@ -34,8 +34,12 @@ def available_models(pattern: str = "*") -> list[str]:
     return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
 
 
-def create_model(name: str, conv: str = "vanilla", **kwargs) -> nn.Module:
+def create_model(name: str, conv: str = "vanilla", *, plan=None, **kwargs) -> nn.Module:
     """Build model ``name`` with conv type ``conv``; ``None``-valued kwargs are dropped.
+
+    ``plan`` (a :class:`leanconv.plan.Plan`, its dict or a plan JSON file from ``leanconv
+    plan``) builds the vanilla network and gives each planned layer its chosen conv; ``conv``
+    must then be ``"vanilla"``.
 
     >>> model = create_model("resnet20", conv="spconv", num_classes=10, split_ratio=0.5)
     """
@@ -47,4 +51,11 @@ def create_model(name: str, conv: str = "vanilla", **kwargs) -> nn.Module:
         ) from None
     conv_hparams(conv)  # unknown conv -> ValueError listing the available ones
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return builder(conv=conv, **kwargs)
+    if plan is None:
+        return builder(conv=conv, **kwargs)
+    if conv != "vanilla":
+        raise ValueError(f"conv={conv!r} with a plan: the plan chooses each layer's conv; "
+                         f"leave conv='vanilla'")
+    from ..plan import apply_plan  # the planner sits above the zoo; imported only when used
+
+    return apply_plan(builder(conv="vanilla", **kwargs), plan, model_name=name)
