@@ -597,11 +597,14 @@ def bench_model(
     input_size: int = 32,
     num_classes: int = 10,
     hparams: dict[str, dict] | None = None,
+    plan=None,
     **kwargs,
 ) -> BenchReport:
     """:func:`bench_convs` on a model of the zoo: ``create_model(model_name, conv=c, ...)``.
 
-    ``hparams`` maps a conv name to its constructor hyperparameters.
+    ``hparams`` maps a conv name to its constructor hyperparameters. ``plan`` (from
+    :func:`leanconv.plan.make_plan`, a dict or a file) adds a row ``"planned"``: the vanilla
+    network with each planned layer replaced.
     """
     from .models import available_models, create_model
 
@@ -610,7 +613,13 @@ def bench_model(
                          f"{', '.join(available_models())}")
     hparams = hparams or {}
 
+    convs = list(convs)
+    if plan is not None:
+        convs.append("planned")
+
     def build(conv: str) -> nn.Module:
+        if conv == "planned":
+            return create_model(model_name, num_classes=num_classes, plan=plan)
         return create_model(model_name, conv=conv, num_classes=num_classes,
                             **hparams.get(conv, {}))
 

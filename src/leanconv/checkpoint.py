@@ -6,6 +6,7 @@ A checkpoint is a dict of tensors and primitives only (no pickled classes), so
     {"format": "leanconv-checkpoint", "version": 1,
      "model": "resnet20", "conv": "spconv", "hparams": {"split_ratio": 0.5},
      "num_classes": 10, "in_channels": 1, "data": "fashion-mnist",
+     "plan": None | {...a leanconv plan: the conv of every planned layer...},
      "config": {...resolved training config...},
      "epoch": 3,                       # completed epochs
      "state_dict": {...}, "optimizer": {...}, "scheduler": {...}, "scaler": {...} | None,
@@ -116,7 +117,8 @@ def build_model_from_checkpoint(ckpt: dict, path="checkpoint") -> nn.Module:
 
     try:
         model = create_model(ckpt["model"], conv=ckpt["conv"], num_classes=ckpt["num_classes"],
-                             in_channels=ckpt["in_channels"], **ckpt["hparams"])
+                             in_channels=ckpt["in_channels"], plan=ckpt.get("plan"),
+                             **ckpt["hparams"])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} names a model this leanconv cannot build: "
                               f"{e}") from None

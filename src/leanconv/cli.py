@@ -143,6 +143,8 @@ def _add_bench(sub) -> None:
                    help="timed training steps per round (default: 5)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON")
+    p.add_argument("--plan", default=None, metavar="PLAN.json",
+                   help="add a 'planned' row: the network of a `leanconv plan` file")
 
     def run(args):
         import json
@@ -150,8 +152,16 @@ def _add_bench(sub) -> None:
         from .bench import bench_model, format_table, report_json
 
         convs = [c.strip() for c in args.convs.split(",") if c.strip()]
+        plan = None
+        if args.plan is not None:
+            from .plan import PlanError, load_plan
+
+            try:
+                plan = load_plan(args.plan)
+            except PlanError as e:
+                raise SystemExit(f"error: {e}") from None
         report = bench_model(
-            args.model, convs, input_size=args.input, num_classes=args.classes,
+            args.model, convs, input_size=args.input, num_classes=args.classes, plan=plan,
             hparams={c: hparams_from_args(args, c) for c in convs},
             batches=args.batch, threads=args.threads, train=args.train,
             train_batch=args.train_batch, train_memory_format=args.train_memory_format,
@@ -286,6 +296,9 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out from last.pt (or from CHECKPOINT), exactly")
+    p.add_argument("--plan", default=None, metavar="PLAN.json",
+                   help="a plan from `leanconv plan`: each planned layer gets its chosen conv "
+                   "(recorded in the checkpoints; --conv must stay vanilla)")
 
     def run(args):
         import logging
@@ -306,6 +319,13 @@ def _add_train(sub) -> None:
             test_subset=args.test_subset, augment=args.augment, amp=args.amp,
             channels_last=args.channels_last, workers=args.workers, device=args.device)
         try:
+            if args.plan is not None:
+                from .plan import PlanError, load_plan
+
+                try:
+                    overrides["plan"] = load_plan(args.plan).to_dict()
+                except PlanError as e:
+                    raise TrainError(str(e)) from None
             if args.resume:
                 if args.out is None and args.resume is True:
                     raise TrainError("--resume needs --out DIR (or --resume CHECKPOINT)")
@@ -314,7 +334,8 @@ def _add_train(sub) -> None:
                                        **overrides)
             else:
                 if args.out is None:
-                    overrides["out"] = f"runs/{args.model}-{args.conv}-{args.data or 'default'}"
+                    conv = "planned" if args.plan else args.conv
+                    overrides["out"] = f"runs/{args.model}-{conv}-{args.data or 'default'}"
                 config = resolve_config(args.recipe, hparams=hparams, **overrides)
             result = train(config, resume=args.resume)
         except (CheckpointError, DataError, TrainError) as e:
@@ -419,8 +440,72 @@ def _add_compare(sub) -> None:
     p.set_defaults(func=run)
 
 
-_SUBCOMMANDS = [_add_convs, _add_profile, _add_tables, _add_bench, _add_train, _add_eval,
-                _add_compare]
+def _add_plan(sub) -> None:
+    from .plan import DEFAULT_CACHE, OBJECTIVES
+
+    p = sub.add_parser(
+        "plan", help="choose each layer's conv from times measured on this machine",
+        description="Time every candidate conv (vanilla, each conv type with its paper defaults, "
+        "variants and width-aligned variants) at each replaceable layer's shape in its host "
+        "context (conv + BN + ReLU), choose per layer the fastest network under a MAC budget "
+        "(or the leanest under a time budget), then time the planned network whole against "
+        "vanilla. Measured times are cached per machine, so planning again measures nothing "
+        "new. Only meaningful when nothing else runs on the cores.")
+    p.add_argument("model", help="model name (see leanconv.available_models())")
+    p.add_argument("--input", type=int, default=32, help="input height = width (default: 32)")
+    p.add_argument("--batch", type=int, default=128, help="batch size (default: 128)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
+    p.add_argument("--in-channels", type=int, default=3, help="input channels (default: 3)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="inference",
+                   help="inference: best of eager and prepare_for_inference; training: forward "
+                   "+ backward + SGD step, best of NCHW and channels_last (default: inference)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--max-macs", type=float, default=None, metavar="F",
+                        help="MAC budget as a fraction of vanilla's (default: 1.0); the "
+                        "predicted time is minimised")
+    budget.add_argument("--max-time", type=float, default=None, metavar="F",
+                        help="time budget as a fraction of vanilla's predicted time; the MACs "
+                        "are minimised")
+    p.add_argument("--convs", default=None, metavar="NAME[,NAME...]",
+                   help="candidate conv types (default: every registered one; vanilla is "
+                   "always a candidate)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default: torch's, i.e. the cores)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    p.add_argument("--min-run-time", type=float, default=0.1,
+                   help="seconds per candidate and round (default: 0.1)")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE),
+                   help=f"folder of the latency tables (default: {DEFAULT_CACHE})")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip timing the planned network whole against vanilla")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--out", default="plan.json", help="plan file to write (default: plan.json)")
+
+    def run(args):
+        from .plan import PlanError, format_plan, make_plan
+
+        convs = None
+        if args.convs is not None:
+            convs = [c.strip() for c in args.convs.split(",") if c.strip()]
+        try:
+            plan = make_plan(
+                args.model, input_size=args.input, batch=args.batch, num_classes=args.classes,
+                in_channels=args.in_channels, objective=args.objective, max_macs=args.max_macs,
+                max_time=args.max_time, convs=convs, threads=args.threads, device=args.device,
+                rounds=args.rounds, min_run_time=args.min_run_time, cache_dir=args.cache,
+                check=not args.no_check,
+                progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        except PlanError as e:
+            raise SystemExit(f"error: {e}") from None
+        plan.save(args.out)
+        print(format_plan(plan))
+        print(f"plan written to {args.out}")
+
+    p.set_defaults(func=run)
+
+
+_SUBCOMMANDS = [_add_convs, _add_profile, _add_tables, _add_bench, _add_plan, _add_train,
+                _add_eval, _add_compare]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -414,7 +414,7 @@ def _measure(items: Mapping[str, _Timed], table: LatencyTable, rounds: int, min_
     total = rounds * len(items)
     done = 0
     with num_threads(threads):
-        for r in range(rounds):
+        for _ in range(rounds):
             for name, item in items.items():
                 item.measure(min_run_time, warmup, device)
                 done += 1
@@ -501,10 +501,12 @@ class Plan:
             raise PlanError(f"{source} is not a leanconv plan (expected format {PLAN_FORMAT!r})")
         try:
             plan = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+            required = ("name", "conv", "hparams", "in_channels", "out_channels",
+                        "kernel_size", "stride")
             for layer in plan.layers:
-                for k in ("name", "conv", "hparams", "in_channels", "out_channels",
-                          "kernel_size", "stride"):
-                    layer[k]  # noqa: B018 - presence check
+                missing = [k for k in required if k not in layer]
+                if missing:
+                    raise KeyError(missing[0])
         except (TypeError, KeyError) as exc:
             raise PlanError(f"{source} is a corrupted leanconv plan: missing {exc}") from None
         return plan
@@ -809,14 +811,14 @@ def _hp_text(hp: Mapping) -> str:
 
 def format_plan(plan: Plan) -> str:
     """The per-layer table (layer, shape, chosen conv, time and MACs vs vanilla) and totals."""
-    unit = 1e3
+    unit, m = 1e3, plan.machine
     lines = [
         f"## plan: {plan.model} @{plan.input_shape[-1]}, batch {plan.batch}, {plan.objective}, "
         + ", ".join(f"{k} {v}" for k, v in plan.budget.items()),
         "",
-        f"{plan.machine.get('cpu')} ({plan.machine.get('capability')}), {plan.machine.get('device')},"
-        f" torch {plan.machine.get('torch')}, {plan.machine.get('threads')} threads; path "
-        f"{plan.path}; times are medians of the layer (conv + BN + ReLU) measured alone",
+        f"{m.get('cpu')} ({m.get('capability')}), {m.get('device')}, torch {m.get('torch')}, "
+        f"{m.get('threads')} threads; path {plan.path}; times are medians of each layer "
+        "(conv + BN + ReLU) measured alone",
         "",
         "| layer | shape | conv | time ms | vs vanilla | MACs | vs vanilla |",
         "|---|---|---|---|---|---|---|",

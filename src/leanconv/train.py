@@ -91,6 +91,7 @@ class TrainConfig:
     model: str = "resnet20"
     conv: str = "vanilla"
     hparams: dict = field(default_factory=dict)  # conv hyperparameters, constructor names
+    plan: dict | None = None  # a leanconv plan (per-layer convs); conv is then "vanilla"
     data: str = "fashion-mnist"
     data_dir: str | None = None
     recipe: str = "fashion-mnist"
@@ -195,6 +196,17 @@ def resume_config(path, **overrides) -> TrainConfig:
 
 def _validate(c: TrainConfig) -> None:
     dataset_info(c.data)
+    if c.plan is not None:
+        from .plan import PlanError, load_plan
+
+        if c.conv != "vanilla":
+            raise TrainError(f"conv={c.conv!r} with a plan: the plan chooses each layer's conv")
+        try:
+            plan = load_plan(c.plan, warn_machine=False)
+        except PlanError as e:
+            raise TrainError(str(e)) from None
+        if plan.model != c.model:
+            raise TrainError(f"the plan was made for model {plan.model!r}, not {c.model!r}")
     if c.schedule not in _SCHEDULES:
         raise TrainError(f"schedule={c.schedule!r}; allowed: {', '.join(_SCHEDULES)}")
     if c.optimizer not in ("sgd", "adamw"):
@@ -387,10 +399,11 @@ def train(config: TrainConfig, *, resume: bool | str = False) -> TrainResult:
             workers=config.workers)
         try:
             model = create_model(config.model, conv=config.conv, num_classes=info.num_classes,
-                                 in_channels=info.in_channels, **config.hparams)
+                                 in_channels=info.in_channels, plan=config.plan,
+                                 **config.hparams)
         except (ValueError, TypeError) as e:
-            raise TrainError(f"cannot build {config.model} with conv={config.conv} "
-                             f"{config.hparams}: {e}") from None
+            what = "its plan" if config.plan else f"conv={config.conv} {config.hparams}"
+            raise TrainError(f"cannot build {config.model} with {what}: {e}") from None
         if ckpt is not None:
             load_state_into(model, ckpt["state_dict"], out / "last.pt")
         if env.distributed and env.device.type == "cuda":
@@ -433,6 +446,7 @@ def train(config: TrainConfig, *, resume: bool | str = False) -> TrainResult:
         def checkpoint(epoch: int) -> dict:
             rng = D.all_gather_objects(get_rng_state(data_gen), env)
             return {"model": config.model, "conv": config.conv, "hparams": dict(config.hparams),
+                    "plan": config.plan,
                     "num_classes": info.num_classes, "in_channels": info.in_channels,
                     "data": config.data, "config": asdict(config), "epoch": epoch,
                     "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
