@@ -262,3 +262,80 @@ def test_cli_errors(tmp_path):
     with pytest.raises(SystemExit, match="unknown conv"):
         main(["compare", "--convs", "nope", "--out", str(tmp_path)])
     assert not os.listdir(tmp_path)
+
+
+def test_planned_row_is_planned_measured_and_trained(tmp_path, monkeypatch):
+    """--plan-max-macs adds a 'planned' row: a training plan among the study's convs (NCHW, the
+    study's layout), measured in the same speed run and trained under the same protocol."""
+    from leanconv import plan as P
+
+    monkeypatch.setattr(P, "DEFAULT_CACHE", tmp_path / "cache")
+    trained = []
+
+    def fake_train(tc, resume=False):
+        trained.append((tc.conv, tc.plan is not None, tc.train_subset))
+        return _fake_result(0.5)
+
+    config = resolve_compare_config("tiny", convs=CONVS, data="synthetic", batches=[2],
+                                    plan_max_macs=0.9, out=str(tmp_path / "study"))
+    log = []
+    results = run_compare(config, trainer=fake_train, progress=log.append, print_table=False)
+    plan = results["plan"]
+    assert plan["objective"] == "training" and plan["path"] == "contiguous"
+    assert plan["batch"] == config.train_batch and plan["budget"] == {"max_macs": 0.9}
+    assert {layer["conv"] for layer in plan["layers"]} <= {"vanilla", "ghost"}
+    assert [r["conv"] for r in results["rows"]] == [*CONVS, "planned"]
+    planned = results["rows"][-1]
+    assert planned["macs"] / results["rows"][0]["macs"] <= 0.9
+    assert planned["train_images_per_s"] > 0 and planned["top1_mean"] == 0.5
+    assert planned["hparams"]["plan"].startswith(("vanilla x", "ghost x"))
+    assert trained[-1] == ("vanilla", True, 64)  # the planned model: vanilla + plan
+    assert "planned = the vanilla network" in (tmp_path / "study" / "results.md").read_text()
+    assert any(m.startswith("[plan] ") for m in log)
+    # the rerun reuses the plan, the speed entry and the training entries
+    log.clear()
+    run_compare(config, trainer=fake_train, progress=log.append, print_table=False)
+    assert "[plan] reusing entries/plan.json" in log and len(trained) == 3
+
+
+def test_quick_budget_sizes_the_subset_from_measured_throughput(tmp_path, monkeypatch):
+    """The subset is what fits the time budget given a calibration run and the speed stage's
+    throughputs; the same for every conv, kept for a resumed study, stated in results.md."""
+    import time as _time
+
+    speed = {"rows": [{"conv": "vanilla", "params": 1, "macs": 2, "latency": {},
+                       "train_images_per_s": 100.0},
+                      {"conv": "ghost", "params": 1, "macs": 1, "latency": {},
+                       "train_images_per_s": 50.0}], "env": {}, "settings": {}}
+    monkeypatch.setattr(compare, "_measure_speed", lambda c, info, say: speed)
+    trained = []
+    cost = 1e-3  # seconds per vanilla training image in the calibration run
+
+    def fake_train(tc, resume=False):
+        if "calibration" in tc.out:
+            _time.sleep(cost * (tc.train_subset + tc.test_subset / 3))
+        trained.append((tc.conv, tc.train_subset))
+        return _fake_result()
+
+    assert resolve_compare_config("quick", train_subset=5000).time_budget is None  # user-sized
+    config = resolve_compare_config("quick", convs=CONVS, data="synthetic", time_budget=60.0,
+                                    out=str(tmp_path / "q"))
+    assert config.train_subset == 20_000  # the cap
+    config.plan_max_macs = None  # (what --no-plan does)
+    log = []
+    results = run_compare(config, trainer=fake_train, progress=log.append, print_table=False)
+    sizing = json.loads((tmp_path / "q" / "entries" / "sizing.json").read_text())
+    n = sizing["train_subset"]
+    # ghost trains at half vanilla's speed: 3 units of vanilla's cost per image, ~0.001 s each
+    per_vanilla = sizing["seconds_per_image"]["vanilla"]
+    assert sizing["seconds_per_image"]["ghost"] == pytest.approx(2 * per_vanilla)
+    assert per_vanilla == pytest.approx(cost, rel=0.5)
+    left = 60.0 - compare._BUDGET_MARGIN
+    expected = (left / (3 * per_vanilla) - 256 / 3) // 128 * 128
+    assert expected - 256 <= n <= expected + 128
+    assert [t for t in trained if t[0] != "vanilla" or t[1] != 1024] == [
+        ("vanilla", n), ("ghost", n)]
+    assert results["config"]["train_subset"] == n
+    assert f"fixed random subset of {n} train images (the same for every conv" in (
+        tmp_path / "q" / "results.md").read_text()
+    assert any(m.startswith("[sizing] ") and str(n) in m for m in log)

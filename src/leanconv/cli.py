@@ -412,6 +412,14 @@ def _add_compare(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads of the speed measurements (default: 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--plan-max-macs", type=float, default=None, metavar="F",
+                   help="MAC budget (fraction of vanilla's) of the 'planned' row: the network "
+                   "`leanconv plan` chooses among the study's convs for training on this "
+                   "machine (default: 0.8; tiny budget: no planned row)")
+    p.add_argument("--no-plan", action="store_true", help="no 'planned' row")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="size the train subset so that the study takes SECONDS (quick: 540; "
+                   "0 = no sizing)")
 
     def run(args):
         import logging
@@ -432,7 +440,12 @@ def _add_compare(sub) -> None:
                 data_dir=args.data_dir, recipe=args.recipe, epochs=args.epochs,
                 train_subset=args.train_subset,
                 test_subset=args.test_subset, batches=args.batch,
-                threads=args.threads, device=args.device, out=args.out)
+                threads=args.threads, device=args.device, out=args.out,
+                plan_max_macs=args.plan_max_macs)
+            if args.no_plan:
+                config.plan_max_macs = None
+            if args.time_budget is not None:
+                config.time_budget = args.time_budget or None
             run_compare(config)
         except (ValueError, CheckpointError, DataError, TrainError) as e:
             raise SystemExit(f"error: {e}") from None

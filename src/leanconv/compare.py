@@ -83,9 +83,15 @@ _logger = logging.getLogger(__name__)
 
 DEFAULT_CONVS = ("vanilla", "spconv", "slimconv", "scconv", "compconv", "ghost")
 BASELINE = "vanilla"
+PLANNED = "planned"  # the row of the network `leanconv plan` chose among the study's convs
 
-# Training-set sizes, for the ETA before the first run has finished (None: unknown).
+# Training- and test-set sizes, for the ETA and the sizing of the quick budget.
 _TRAIN_SIZES = {"fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000, "synthetic": 512}
+_TEST_SIZES = {"fashion-mnist": 10000, "cifar10": 10000, "cifar100": 10000, "synthetic": 256}
+# Seconds kept free of the study's time budget for results, plot and process exit.
+_BUDGET_MARGIN = 10.0
+# A test image costs about a third of a training image (forward only, no augmentation).
+_EVAL_COST = 1 / 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,17 +115,23 @@ class Budget:
     batches: tuple[int, ...] = (1, 32)
     batch_size: int | None = None  # training batch size; None = the recipe's
     description: str = ""
+    time_budget: float | None = None  # seconds for the whole study: sizes the train subset
+    plan_max_macs: float | None = 0.8  # the planned row's MAC budget (None: no planned row)
+    plan_rounds: int = 2
+    plan_min_run_time: float = 0.05
 
 
 BUDGETS: dict[str, Budget] = {
     "tiny": Budget("tiny", 1, 1, 64, 64, rounds=1, min_run_time=0.01, train_steps=1,
-                   train_warmup=0, batches=(1, 4), batch_size=16,
+                   train_warmup=0, batches=(1, 4), batch_size=16, plan_max_macs=None,
+                   plan_rounds=1, plan_min_run_time=0.0,
                    description="smoke test: 1 epoch on 64 images at batch 16, 64 test images, "
-                   "latency at batch 1 and 4"),
+                   "latency at batch 1 and 4, no planned row"),
     "quick": Budget("quick", 1, 1, 20000, None, rounds=2, min_run_time=0.2, train_steps=2,
-                    train_warmup=1,
-                    description="1 seed, 1 epoch on a fixed random 20,000-image train subset, "
-                    "full test set"),
+                    train_warmup=1, time_budget=540.0,
+                    description="1 seed, 1 epoch on a fixed random train subset sized from the "
+                    "throughput measured on this machine so that the study takes 9 minutes "
+                    "(at most 20,000 images, the same for every conv), full test set"),
     "standard": Budget("standard", 1, None, None, None, rounds=3, min_run_time=0.5,
                        train_steps=5, train_warmup=3,
                        description="1 seed, the recipe on the full train set (the training "
@@ -155,6 +167,10 @@ class CompareConfig:
     train_warmup: int = 1
     device: str = "cpu"
     out: str = "runs/compare"
+    time_budget: float | None = None  # seconds for the whole study (sizes train_subset)
+    plan_max_macs: float | None = None  # MAC budget of the planned row (None: no planned row)
+    plan_rounds: int = 2
+    plan_min_run_time: float = 0.05
 
 
 def study_hparams(model: str, conv: str, given: dict, *, num_classes: int = 10,
@@ -250,8 +266,15 @@ def resolve_compare_config(
         seeds=list(range(n_seeds)), epochs=epochs, train_subset=b.train_subset,
         test_subset=b.test_subset, hparams=resolved_hp, batches=list(b.batches),
         batch_size=b.batch_size, rounds=b.rounds,
-        min_run_time=b.min_run_time, train_steps=b.train_steps, train_warmup=b.train_warmup)
+        min_run_time=b.min_run_time, train_steps=b.train_steps, train_warmup=b.train_warmup,
+        time_budget=b.time_budget, plan_max_macs=b.plan_max_macs, plan_rounds=b.plan_rounds,
+        plan_min_run_time=b.plan_min_run_time)
+    if "train_subset" in overrides or "epochs" in overrides:
+        config.time_budget = None  # the user sized the training: no automatic sizing
     config = replace(config, **overrides)
+    if config.plan_max_macs is not None and not config.plan_max_macs > 0:
+        raise ValueError(f"plan_max_macs={config.plan_max_macs}; must be a positive fraction "
+                         f"of vanilla's MACs (or None for no planned row)")
     # 0 = the whole split
     config.train_subset = config.train_subset or None
     config.test_subset = config.test_subset or None
@@ -295,19 +318,24 @@ def _load_entry(path: Path, key: dict) -> dict | None:
     return entry
 
 
-def _speed_key(c: CompareConfig, input_shape, num_classes) -> dict:
+def _speed_key(c: CompareConfig, input_shape, num_classes, plan: dict | None = None) -> dict:
     return {"model": c.model, "convs": c.convs, "hparams": c.hparams, "data": c.data,
+            "plan": None if plan is None else plan["layers"],
             "input_shape": list(input_shape), "num_classes": num_classes,
             "batches": c.batches, "threads": c.threads, "train_batch": c.train_batch,
             "rounds": c.rounds, "min_run_time": c.min_run_time, "train_steps": c.train_steps,
             "train_warmup": c.train_warmup, "device": c.device, "torch": torch.__version__}
 
 
-def _train_config(c: CompareConfig, conv: str, seed: int, runs: Path):
-    """The :class:`leanconv.train.TrainConfig` of one (conv, seed) run and its reuse key."""
+def _train_config(c: CompareConfig, conv: str, seed: int, runs: Path, plan: dict | None = None):
+    """The :class:`leanconv.train.TrainConfig` of one (conv, seed) run and its reuse key;
+    ``conv`` :data:`PLANNED` is the vanilla model with ``plan`` applied."""
     from .train import _RESUME_FREE, resolve_config
 
-    tc = resolve_config(c.recipe, model=c.model, conv=conv, hparams=dict(c.hparams[conv]),
+    planned = conv == PLANNED
+    tc = resolve_config(c.recipe, model=c.model, conv="vanilla" if planned else conv,
+                        hparams={} if planned else dict(c.hparams[conv]),
+                        plan=plan if planned else None,
                         data=c.data, data_dir=c.data_dir, epochs=c.epochs, seed=seed,
                         batch_size=c.batch_size,
                         train_subset=c.train_subset, test_subset=c.test_subset,
@@ -342,18 +370,24 @@ def _environment(c: CompareConfig) -> dict:
     return env
 
 
-def _measure_speed(c: CompareConfig, info, say: Callable[[str], None]) -> dict:
-    """Complexity + speed of every conv in one :func:`bench_convs` run (ratios to vanilla)."""
+def _measure_speed(c: CompareConfig, info, say: Callable[[str], None],
+                   plan: dict | None = None) -> dict:
+    """Complexity + speed of every conv (and of the planned network, given ``plan``) in one
+    :func:`bench_convs` run (ratios to vanilla)."""
     from .bench import bench_convs, report_json
     from .models import create_model
 
     def build(conv: str):
+        if conv == PLANNED:
+            return create_model(c.model, num_classes=info.num_classes,
+                                in_channels=info.in_channels, plan=plan)
         return create_model(c.model, conv=conv, num_classes=info.num_classes,
                             in_channels=info.in_channels, **c.hparams.get(conv, {}))
 
     input_shape = (info.in_channels, info.image_size, info.image_size)
     report = bench_convs(
-        build, c.convs, input_shape, batches=c.batches, threads=c.threads, train=True,
+        build, c.convs + ([PLANNED] if plan is not None else []), input_shape,
+        batches=c.batches, threads=c.threads, train=True,
         train_batch=c.train_batch, num_classes=info.num_classes, rounds=c.rounds,
         min_run_time=c.min_run_time, train_steps=c.train_steps, train_warmup=c.train_warmup,
         device=c.device, baseline=BASELINE, title=f"{c.model} on {c.data}",
@@ -403,26 +437,37 @@ def run_compare(
     env = _environment(c)
     started = time.perf_counter()
     stats = {"reused": [], "computed": []}
-    say(f"compare {c.model} on {c.data}, budget {c.budget}: {', '.join(c.convs)}; "
-        f"seeds {c.seeds}, {c.epochs} epoch(s)"
-        + (f" on {c.train_subset} train images" if c.train_subset else "")
+    sized = c.time_budget is not None and c.train_subset is not None
+    say(f"compare {c.model} on {c.data}, budget {c.budget}: {', '.join(c.convs)}"
+        + (f" + {PLANNED} (max {c.plan_max_macs} x vanilla's MACs)" if c.plan_max_macs else "")
+        + f"; seeds {c.seeds}, {c.epochs} epoch(s)"
+        + (f" on at most {c.train_subset} train images, sized to finish the study in "
+           f"{_fmt_s(c.time_budget)} (study ETA {_fmt_s(c.time_budget)})" if sized else
+           f" on {c.train_subset} train images" if c.train_subset else "")
         + f"; speed with {c.threads} thread(s), training with {env['training_threads']}; "
         f"output in {out}")
     for conv in c.convs:
         if c.hparams.get(conv):
             say(f"  {conv}: " + ", ".join(f"{k}={v}" for k, v in c.hparams[conv].items()))
+    input_shape = (info.in_channels, info.image_size, info.image_size)
+
+    # 0. the planned network: per-layer choice among the study's convs, from measured times ----
+    plan = None
+    if c.plan_max_macs is not None:
+        plan = _make_plan(c, info, entries, stats, say)
+    rows_convs = c.convs + ([PLANNED] if plan is not None else [])
 
     # 1. complexity and speed, all conv types in one run --------------------------------------
-    input_shape = (info.in_channels, info.image_size, info.image_size)
-    key = _speed_key(c, input_shape, info.num_classes)
+    key = _speed_key(c, input_shape, info.num_classes, plan)
     speed = _load_entry(entries / "speed.json", key)
     if speed is not None and any(r.get("error") for r in speed["report"]["rows"]):
         speed = None  # a conv that failed may work now: measure the set again
     if speed is None:
-        say(f"[speed] measuring {len(c.convs)} conv types side by side "
+        say(f"[speed] measuring {len(rows_convs)} networks side by side "
             f"(batches {c.batches}, {c.rounds} interleaved rounds)")
         t0 = time.perf_counter()
-        report = _measure_speed(c, info, say)
+        report = (_measure_speed(c, info, say) if plan is None
+                  else _measure_speed(c, info, say, plan=plan))
         speed = {"key": key, "report": report, "seconds": time.perf_counter() - t0}
         _write_json(entries / "speed.json", speed)
         stats["computed"].append("speed")
@@ -433,12 +478,20 @@ def run_compare(
     speed_rows = {r["conv"]: r for r in speed["report"]["rows"]}
 
     # 2. training, one entry per (conv, seed) -------------------------------------------------
-    jobs = [(conv, seed) for conv in c.convs for seed in c.seeds]
+    per_image = {}  # predicted seconds per training image, from the measured throughput
+    if sized:
+        per_image = _size_training(c, speed_rows, rows_convs, key, entries, runs, trainer,
+                                   started, say)
+        config_dict = _jsonable(asdict(c))
+        _write_json(out / "config.json", config_dict)
+        with open(out / "config.yaml", "w") as f:
+            yaml.safe_dump(config_dict, f, sort_keys=False)
+    jobs = [(conv, seed) for conv in rows_convs for seed in c.seeds]
     done: dict[tuple[str, int], dict] = {}
     errors: dict[str, str] = {}
     plans = {}
     for conv, seed in jobs:
-        tc, tkey = _train_config(c, conv, seed, runs)
+        tc, tkey = _train_config(c, conv, seed, runs, plan)
         plans[conv, seed] = (tc, tkey)
         entry = _load_entry(entries / f"train-{conv}-seed{seed}.json", tkey)
         if entry is not None:
@@ -449,16 +502,17 @@ def run_compare(
         say(f"[train] reusing {len(done)} finished run(s); {len(todo)} to go")
 
     n_train = c.train_subset or _TRAIN_SIZES.get(c.data)
-    per_image = {}  # predicted seconds per training image, from the measured throughput
-    for conv in c.convs:
-        ips = (speed_rows.get(conv) or {}).get("train_images_per_s")
-        if ips:  # measured with c.threads threads; training uses all of them
-            per_image[conv] = c.threads / (ips * max(1, env["training_threads"]))
+    n_test = c.test_subset or _TEST_SIZES.get(c.data, 0)
+    if not per_image:  # not calibrated: scale the speed stage's throughput to all threads
+        for conv in rows_convs:
+            ips = (speed_rows.get(conv) or {}).get("train_images_per_s")
+            if ips:  # measured with c.threads threads; training uses all of them
+                per_image[conv] = c.threads / (ips * max(1, env["training_threads"]))
 
     def predicted(conv: str) -> float | None:
         if n_train is None or conv not in per_image:
             return None
-        return per_image[conv] * n_train * c.epochs * 1.15  # + evaluation and data
+        return per_image[conv] * (n_train * c.epochs + _EVAL_COST * n_test * c.epochs)
 
     calib_actual, calib_pred = 0.0, 0.0
     for i, (conv, seed) in enumerate(todo):
@@ -496,13 +550,14 @@ def run_compare(
 
     # 3. results ---------------------------------------------------------------------------------
     rows = []
-    for conv in c.convs:
+    for conv in rows_convs:
         s = speed_rows.get(conv, {})
         runs_done = [done[conv, seed] for seed in c.seeds if (conv, seed) in done]
         top1 = [r["top1"] for r in runs_done]
         row = {
             "conv": conv,
-            "hparams": c.hparams.get(conv, {}),
+            "hparams": c.hparams.get(conv, {}) if conv != PLANNED else {
+                "plan": ", ".join(f"{k} x{v}" for k, v in _plan_counts(plan).items())},
             "params": s.get("params"),
             "macs": s.get("macs"),
             "params_ratio": s.get("params_ratio"),
@@ -543,6 +598,7 @@ def run_compare(
         "speed_env": speed["report"].get("env"),
         "speed_settings": speed["report"].get("settings"),
         "rows": rows,
+        "plan": plan,
         "seconds": time.perf_counter() - started,
         "reused": stats["reused"],
         "computed": stats["computed"],
@@ -562,6 +618,104 @@ def run_compare(
     say(f"study finished in {_fmt_s(results['seconds'])}; {len(stats['computed'])} piece(s) "
         f"computed, {len(stats['reused'])} reused; results in {out}")
     return results
+
+
+def _plan_counts(plan: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for layer in plan["layers"]:
+        counts[layer["conv"]] = counts.get(layer["conv"], 0) + 1
+    return counts
+
+
+def _make_plan(c: CompareConfig, info, entries: Path, stats: dict, say) -> dict:
+    """The study's planned network (objective training at the study's training batch, MAC
+    budget ``c.plan_max_macs``, candidates the study's convs); reused from ``entries/plan.json``
+    when made under the same key. Its layer times come from the machine's latency cache."""
+    from .plan import PlanError, machine_key, make_plan
+
+    key = {"model": c.model, "convs": c.convs, "data": c.data, "train_batch": c.train_batch,
+           "plan_max_macs": c.plan_max_macs, "rounds": c.plan_rounds,
+           "min_run_time": c.plan_min_run_time,
+           "machine": machine_key(c.device, c.threads, c.train_batch)}
+    entry = _load_entry(entries / "plan.json", key)
+    if entry is not None:
+        stats["reused"].append("plan")
+        say("[plan] reusing entries/plan.json")
+        return entry["plan"]
+    t0 = time.perf_counter()
+    try:
+        plan = make_plan(
+            c.model, input_size=info.image_size, batch=c.train_batch,
+            num_classes=info.num_classes, in_channels=info.in_channels, objective="training",
+            max_macs=c.plan_max_macs, convs=[v for v in c.convs if v != BASELINE],
+            paths=("contiguous",),  # the study trains and measures every network in NCHW
+            threads=c.threads, device=c.device, rounds=c.plan_rounds,
+            min_run_time=c.plan_min_run_time, check=False,
+            progress=lambda msg: say(f"[plan] {msg}"))
+    except PlanError as exc:
+        raise ValueError(f"the planned row: {exc}") from None
+    data = plan.to_dict()
+    _write_json(entries / "plan.json", {"key": key, "plan": data,
+                                        "seconds": time.perf_counter() - t0})
+    stats["computed"].append("plan")
+    t = data["totals"]
+    say(f"[plan] {', '.join(f'{k} x{v}' for k, v in _plan_counts(data).items())}: "
+        f"{t['mac_fraction']:.2f}x vanilla's MACs, predicted {t['predicted_speedup']:.2f}x "
+        f"vanilla's training speed ({_fmt_s(time.perf_counter() - t0)})")
+    return data
+
+
+def _size_training(c: CompareConfig, speed_rows: dict, rows_convs: list, speed_key: dict,
+                   entries: Path, runs: Path, trainer, started: float, say) -> dict:
+    """Set ``c.train_subset`` so that the study ends within ``c.time_budget`` seconds.
+
+    A calibration run (the study's own training loop, vanilla, 1 epoch on 1,024 images and
+    1,000 test images: data loading and evaluation included) gives seconds per vanilla image
+    here; each conv's cost is that times vanilla's / its training throughput from the speed
+    stage. The subset (a multiple of the batch size, at most the budget's, at least 1,024) is
+    the largest whose predicted training fits in the time left; it is the same for every conv
+    and is kept in ``entries/sizing.json`` so that a resumed study trains on the same subset.
+    Returns the predicted seconds per training image of each conv (for the ETA).
+    """
+    import shutil
+
+    from .train import resolve_config
+
+    key = {"speed": speed_key, "time_budget": c.time_budget, "cap": c.train_subset}
+    entry = _load_entry(entries / "sizing.json", key)
+    if entry is None:
+        cal_train, cal_test = 1024, 1000
+        tc = resolve_config(c.recipe, model=c.model, conv=BASELINE, data=c.data,
+                            data_dir=c.data_dir, epochs=1, seed=0, batch_size=c.batch_size,
+                            train_subset=cal_train, test_subset=cal_test, device=c.device,
+                            out=str(runs / "calibration"))
+        shutil.rmtree(tc.out, ignore_errors=True)
+        say(f"[sizing] calibration: {BASELINE}, 1 epoch on {cal_train} images")
+        t0 = time.perf_counter()
+        trainer(tc, resume=False)
+        seconds = time.perf_counter() - t0
+        shutil.rmtree(tc.out, ignore_errors=True)
+        vanilla_cost = seconds / (cal_train + _EVAL_COST * cal_test)
+        base_ips = (speed_rows.get(BASELINE) or {}).get("train_images_per_s")
+        per_image = {}
+        for conv in rows_convs:
+            ips = (speed_rows.get(conv) or {}).get("train_images_per_s")
+            per_image[conv] = vanilla_cost * (base_ips / ips if base_ips and ips else 1.0)
+        n_test = c.test_subset or _TEST_SIZES.get(c.data, 0)
+        left = c.time_budget - (time.perf_counter() - started) - _BUDGET_MARGIN
+        cost = sum(per_image.values()) * len(c.seeds) * c.epochs
+        batch = c.batch_size or c.train_batch or 128
+        n = c.train_subset
+        if cost > 0:
+            n = int((left / cost - _EVAL_COST * n_test) // batch * batch)
+        n = max(min(n, c.train_subset), min(1024, c.train_subset))
+        entry = {"key": key, "train_subset": n, "seconds_per_image": per_image,
+                 "calibration_seconds": seconds}
+        _write_json(entries / "sizing.json", entry)
+    c.train_subset = entry["train_subset"]
+    say(f"[sizing] {c.train_subset} train images per conv (the same for every conv) fit the "
+        f"{_fmt_s(c.time_budget)} budget on this machine")
+    return dict(entry["seconds_per_image"])
 
 
 def env_load():
@@ -621,6 +775,8 @@ def format_results(results: dict) -> str:
     train_txt = f"{c['epochs']} epoch(s) of recipe `{c['recipe']}`" + (
         f" on a fixed random subset of {c['train_subset']} train images" if c["train_subset"]
         else " on the full train set") + (
+        f" (the same for every conv; sized from the throughput measured on this machine so "
+        f"that the study takes {_fmt_s(c['time_budget'])})" if c.get("time_budget") else "") + (
         f", tested on {c['test_subset']} test images" if c["test_subset"]
         else ", tested on the full test set")
     lines = [
@@ -655,6 +811,18 @@ def format_results(results: dict) -> str:
     for row in results["rows"]:
         if row["error"]:
             lines.append(f"\n{row['conv']}: {row['error']}")
+    plan = results.get("plan")
+    if plan:
+        t = plan["totals"]
+        lines += [
+            "",
+            f"planned = the vanilla network with each replaceable layer's conv chosen by "
+            f"`leanconv plan` among the study's convs from times measured on this machine "
+            f"({plan['machine']['capability']}, {plan['machine']['threads']} thread(s)): "
+            f"objective training at batch {plan['batch']}, at most "
+            f"{plan['budget'].get('max_macs')} x vanilla's MACs; predicted "
+            f"{t['predicted_speedup']:.2f}x vanilla's training speed on path {plan['path']}.",
+        ]
     lines += [
         "",
         "ratio = module / vanilla (latency: <= 1 is faster; train: >= 1 is faster; memory: "

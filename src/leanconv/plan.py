@@ -601,6 +601,7 @@ def make_plan(
     max_macs: float | None = None,
     max_time: float | None = None,
     convs: Sequence[str] | None = None,
+    paths: Sequence[str] | None = None,
     threads: int | None = None,
     device: torch.device | str = "cpu",
     rounds: int = 3,
@@ -614,7 +615,9 @@ def make_plan(
 
     ``max_macs`` is the MAC budget as a fraction of vanilla's (default 1.0: the fastest network
     that costs no more MACs than vanilla); ``max_time`` a time budget as a fraction of vanilla's
-    predicted time (then MACs are minimised). ``convs`` restricts the candidate conv types.
+    predicted time (then MACs are minimised). ``convs`` restricts the candidate conv types,
+    ``paths`` the ways the network may run (inference: ``"eager"``, ``"prepared"``; training:
+    ``"contiguous"``, ``"channels_last"``; default both, the faster is chosen).
     """
     from .models import available_models, create_model
     from .profile import profile
@@ -639,6 +642,12 @@ def make_plan(
         if unknown:
             raise PlanError(f"unknown conv {unknown[0]!r}; available convs: "
                             f"{', '.join(available_convs())}")
+    allowed_paths = PATHS[objective]
+    paths = tuple(paths) if paths is not None else allowed_paths
+    bad = [p for p in paths if p not in allowed_paths]
+    if bad or not paths:
+        raise PlanError(f"paths={list(paths)}; allowed for {objective}: "
+                        f"{', '.join(allowed_paths)}")
     device = torch.device(device)
     threads = threads or torch.get_num_threads()
     say = progress or (lambda msg: None)
@@ -661,7 +670,6 @@ def make_plan(
 
     key = machine_key(device, threads, batch)
     table = LatencyTable(key, cache_dir)
-    paths = PATHS[objective]
     items: dict[str, _Timed] = {}
     for path in paths:
         nk = _network_key(objective, path, model, model_kwargs, input_shape)
