@@ -264,7 +264,7 @@ def test_bad_input_gets_one_clear_error(synthetic_plan, tmp_path, capsys):
     # a model with other layers (same name, other widths) is refused naming the layer
     data = plan.to_dict()
     data["layers"][0]["out_channels"] = 99
-    with pytest.raises(P.PlanError, match="plan layer 'layer1.0.conv1' is in/out/kernel/stride"):
+    with pytest.raises(P.PlanError, match=r"plan layer 'layer1\.0\.conv1' is in/out/kernel/stride"):
         leanconv.create_model("resnet20", plan=data)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
