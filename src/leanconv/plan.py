@@ -374,7 +374,7 @@ def _inference_fn(module: nn.Module, x: torch.Tensor, path: str) -> Callable[[],
 def _training_fn(module: nn.Module, x: torch.Tensor, path: str) -> Callable[[], object]:
     fmt = torch.channels_last if path == "channels_last" else torch.contiguous_format
     module = module.train().to(memory_format=fmt)
-    x = x.contiguous(memory_format=fmt).requires_grad_(True)
+    x = x.detach().contiguous(memory_format=fmt).requires_grad_(True)
     with torch.no_grad():
         grad = torch.randn_like(module(x)).contiguous(memory_format=fmt)
     optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
@@ -671,6 +671,7 @@ def make_plan(
     key = machine_key(device, threads, batch)
     table = LatencyTable(key, cache_dir)
     items: dict[str, _Timed] = {}
+    inputs: dict[LayerShape, torch.Tensor] = {}
     for path in paths:
         nk = _network_key(objective, path, model, model_kwargs, input_shape)
         if nk not in table:
@@ -681,7 +682,8 @@ def make_plan(
                 ek = _entry_key(objective, path, s, conv, hp)
                 if ek in table:
                     continue
-                items[ek] = _Timed(_layer_setup(s, conv, hp, batch, objective, path, device))
+                items[ek] = _Timed(_layer_setup(s, conv, hp, batch, objective, path, device,
+                                                inputs))
     n_cached = sum(len(cands[s]) for s in shapes) * len(paths) + len(paths)
     say(f"plan {model} @{input_size} batch {batch}, {objective}: {len(layers)} replaceable "
         f"layers, {len(shapes)} shapes, {n_cached} table entries, {len(items)} to measure "
@@ -759,11 +761,16 @@ def make_plan(
 
 
 def _layer_setup(shape: LayerShape, conv: str, hparams: dict, batch: int, objective: str,
-                 path: str, device) -> Callable[[], Callable[[], object]]:
+                 path: str, device, inputs: dict) -> Callable[[], Callable[[], object]]:
+    """``inputs`` holds one input per shape, shared by that shape's candidates (memory)."""
+
     def setup():
         torch.manual_seed(0)
         module = _host(shape, conv, hparams, device)
-        x = torch.randn(batch, shape.in_channels, shape.height, shape.width, device=device)
+        x = inputs.get(shape)
+        if x is None:
+            x = inputs[shape] = torch.randn(batch, shape.in_channels, shape.height, shape.width,
+                                            device=device)
         if objective == "inference":
             return _inference_fn(module, x, path)
         return _training_fn(module, x, path)
