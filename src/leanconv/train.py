@@ -406,6 +406,14 @@ def train(config: TrainConfig, *, resume: bool | str = False) -> TrainResult:
             raise TrainError(f"cannot build {config.model} with {what}: {e}") from None
         if ckpt is not None:
             load_state_into(model, ckpt["state_dict"], out / "last.pt")
+        plan_path = (config.plan or {}).get("path")
+        if env.is_main and plan_path in ("channels_last", "contiguous") and (
+                (plan_path == "channels_last") != bool(config.channels_last)):
+            _logger.warning("the plan's times were measured for %s training; this run trains "
+                            "in %s (%s)", plan_path,
+                            "channels_last" if config.channels_last else "NCHW",
+                            "pass --channels-last" if plan_path == "channels_last"
+                            else "drop --channels-last")
         if env.distributed and env.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(env.device)
