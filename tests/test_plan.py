@@ -307,3 +307,18 @@ def test_spconv_candidates_are_real_modules():
         module = P._build_conv(shape, conv, hp)
         assert isinstance(module, SPConv if conv == "spconv" else VanillaConv)
         assert module(torch.randn(1, 64, 8, 8)).shape == (1, 64, 8, 8)
+
+
+def test_plan_for_any_cnn_applies_with_convert_convs(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    net = torchvision.models.resnet18(num_classes=10)
+    plan = P.make_plan(net, convs=["ghost"], cache_dir=tmp_path, **FAST)
+    assert plan.model == "ResNet" and len(plan.layers) == 19  # 16 3x3 + 3 projections
+    assert all(type(m) is not GhostConv for m in net.modules())  # the given model is untouched
+    converted = leanconv.convert_convs(torchvision.models.resnet18(num_classes=10), plan=plan)
+    modules = dict(converted.named_modules())
+    for layer in plan.layers:
+        assert (type(modules[layer["name"]]) is GhostConv) == (layer["conv"] == "ghost")
+    assert converted(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    check = P.check_plan(plan, model=net, rounds=1, min_run_time=0.0, warmup=0)
+    assert check["planned_best"] > 0

@@ -39,6 +39,7 @@ module of the same input and output width, so only SlimConv with k = 1 (where in
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -591,7 +592,7 @@ def apply_plan(model: nn.Module, plan: Plan | Mapping | str | os.PathLike,
 
 
 def make_plan(
-    model: str,
+    model: str | nn.Module,
     *,
     input_size: int = 32,
     batch: int = 128,
@@ -611,7 +612,11 @@ def make_plan(
     check: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> Plan:
-    """Measure (or read from the cache), choose and optionally check a plan for a zoo model.
+    """Measure (or read from the cache), choose and optionally check a plan for a model.
+
+    ``model`` is a zoo name (built with ``create_model(model, conv="vanilla", num_classes=...,
+    in_channels=...)``) or any vanilla ``nn.Module`` (e.g. a torchvision CNN; it is copied,
+    never changed, and the plan applies to it with ``convert_convs(model, plan=...)``).
 
     ``max_macs`` is the MAC budget as a fraction of vanilla's (default 1.0: the fastest network
     that costs no more MACs than vanilla); ``max_time`` a time budget as a fraction of vanilla's
@@ -622,9 +627,10 @@ def make_plan(
     from .models import available_models, create_model
     from .profile import profile
 
-    if model not in available_models():
+    custom = model if isinstance(model, nn.Module) else None
+    if custom is None and model not in available_models():
         raise PlanError(f"unknown model {model!r}; available models: "
-                        f"{', '.join(available_models())}")
+                        f"{', '.join(available_models())} (or pass an nn.Module)")
     if objective not in OBJECTIVES:
         raise PlanError(f"objective={objective!r}; allowed: {', '.join(OBJECTIVES)}")
     if max_macs is not None and max_time is not None:
@@ -654,7 +660,12 @@ def make_plan(
     input_shape = (in_channels, input_size, input_size)
     model_kwargs = {"num_classes": num_classes, "in_channels": in_channels}
 
+    if custom is not None:
+        model, model_kwargs = type(custom).__name__, {}
+
     def build_vanilla():
+        if custom is not None:
+            return copy.deepcopy(custom)
         return create_model(model, conv="vanilla", **model_kwargs)
 
     vanilla = build_vanilla()
@@ -756,7 +767,7 @@ def make_plan(
     if check:
         say("checking: the planned network timed whole against vanilla")
         plan.check = check_plan(plan, rounds=rounds, min_run_time=max(0.5, min_run_time),
-                                warmup=warmup, device=device, threads=threads)
+                                warmup=warmup, device=device, threads=threads, model=custom)
     return plan
 
 
@@ -779,10 +790,12 @@ def _layer_setup(shape: LayerShape, conv: str, hparams: dict, batch: int, object
 
 
 def check_plan(plan: Plan, *, rounds: int = 3, min_run_time: float = 0.5, warmup: int = 2,
-               device: torch.device | str = "cpu", threads: int | None = None) -> dict:
+               device: torch.device | str = "cpu", threads: int | None = None,
+               model: nn.Module | None = None) -> dict:
     """Time the planned network whole against vanilla, every path of the objective, in
     interleaved rounds; returns measured seconds per path, the best-vs-best speed-up and the
-    error of the plan's prediction on its own path."""
+    error of the plan's prediction on its own path. ``model``: the vanilla module a plan for a
+    non-zoo model was made from."""
     from .models import create_model
 
     plan = load_plan(plan, warn_machine=False)
@@ -791,8 +804,12 @@ def check_plan(plan: Plan, *, rounds: int = 3, min_run_time: float = 0.5, warmup
     kwargs = dict(plan.model_kwargs)
     num_classes = kwargs.get("num_classes", 10)
     table = LatencyTable(plan.machine, None)
-    builds = {"vanilla": lambda: create_model(plan.model, conv="vanilla", **kwargs),
-              "planned": lambda: create_model(plan.model, plan=plan, **kwargs)}
+    if model is not None:
+        builds = {"vanilla": lambda: copy.deepcopy(model),
+                  "planned": lambda: apply_plan(copy.deepcopy(model), plan)}
+    else:
+        builds = {"vanilla": lambda: create_model(plan.model, conv="vanilla", **kwargs),
+                  "planned": lambda: create_model(plan.model, plan=plan, **kwargs)}
     items = {}
     for which, build in builds.items():
         for path in PATHS[plan.objective]:
