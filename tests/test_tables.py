@@ -5,6 +5,7 @@ import json
 import pytest
 
 from leanconv import cli
+from leanconv import tables as T
 from leanconv.tables import parse_hparams, parse_input, read_targets, run_tables
 
 CSV = """paper,table,input,classes,model,conv,hparams,params_M,macs_G,note
@@ -99,3 +100,38 @@ def test_cli_counter_forces_one_convention(tmp_path):
                      "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert row["counter"] == "macs" and row["measured_macs"] == 144_907_992
+
+
+def test_tables_default_is_the_packaged_csv(monkeypatch, capsys):
+    from importlib import resources
+
+    packaged = T.packaged_targets()
+    assert packaged == resources.files("leanconv") / "targets" / "complexity.csv"
+    assert packaged.is_file()
+    rows = T.read_targets()  # no path: the packaged file
+    assert len(rows) == 66 and {r["paper"] for r in rows} == {
+        "SPConv", "SlimConv", "SCConv", "CompConv"}
+    # `leanconv tables` with no arguments evaluates every packaged row (stubbed: no building)
+    seen = []
+
+    def fake_evaluate(row, index, counter=None):
+        seen.append((index, row["model"]))
+        return T.RowResult(row=row, index=index)
+
+    monkeypatch.setattr(T, "evaluate_row", fake_evaluate)
+    assert cli.main(["tables"]) == 0
+    assert seen == [(i, r["model"]) for i, r in enumerate(rows, 1)]
+    assert "0/66 rows" in capsys.readouterr().out
+
+
+def test_tables_reads_the_packaged_csv_for_real(tmp_path, capsys):
+    out = tmp_path / "o.json"
+    assert cli.main(["tables", "--rows", "1,37", "--json", str(out)]) == 0
+
+    first, resnet56 = json.loads(out.read_text())
+    rows = T.read_targets()
+    for got, row in ((first, rows[0]), (resnet56, rows[36])):
+        expected = T.evaluate_row(row)
+        assert got["model"] == row["model"] and got["measured_params"] == expected.params
+        assert got["measured_macs"] == expected.macs and got["error"] is None
+    assert first["model"] == "resnet20" and resnet56["model"] == "resnet56"

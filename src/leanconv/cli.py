@@ -225,9 +225,10 @@ def _add_profile(sub) -> None:
 
 def _add_tables(sub) -> None:
     p = sub.add_parser("tables", help="reproduce the papers' Params/FLOPs rows of a targets CSV")
-    p.add_argument("--targets", default="/work/shared/targets/complexity.csv",
+    p.add_argument("--targets", default=None, metavar="CSV",
                    help="CSV with columns paper,table,input,classes,model,conv,hparams,"
-                   "params_M,macs_G (see docs/reproduction.md)")
+                   "params_M,macs_G (default: the papers' 66 rows shipped with leanconv, "
+                   "leanconv/targets/complexity.csv; see docs/reproduction.md)")
     p.add_argument("--markdown", metavar="OUT.md", default=None, help="write a markdown table")
     p.add_argument("--json", metavar="OUT.json", default=None,
                    help="write one object per CSV row with measured_params_M / measured_macs_G")

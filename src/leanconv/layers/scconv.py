@@ -1,7 +1,6 @@
 """SCConv: Spatial and Channel Reconstruction Convolution (Li, Wen, He, CVPR 2023).
 
-Paper: ``/work/shared/papers/002_*.txt``. SCConv replaces a k x k convolution by two units in
-sequence (Sec. 2, Fig. 1):
+SCConv replaces a k x k convolution by two units in sequence (Sec. 2, Fig. 1):
 
 * the Spatial Reconstruction Unit (SRU, Sec. 2.1, Eq. 1-4) separates informative from less
   informative positions with Group Normalization's scale factors and cross-adds the two parts;
