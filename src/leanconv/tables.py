@@ -461,6 +461,10 @@ def run_tables(targets: str | os.PathLike | None = None, markdown: str | None = 
     convention for every row (default: each paper's own).
     """
     data = read_targets(targets)
+    bad = sorted(i for i in rows or () if not 1 <= i <= len(data))
+    if bad:
+        raise ValueError(f"rows must be between 1 and {len(data)} (the CSV's data rows), "
+                         f"got {bad[0]}")
     wanted = set(rows or range(1, len(data) + 1))
     results = [evaluate_row(row, i, counter) for i, row in enumerate(data, 1) if i in wanted]
     print(to_text(results))
