@@ -355,3 +355,32 @@ def test_absorb_bn_declines_what_it_cannot_fold():
     assert cru.fusion_scale is None and cru.fused_upper is None              # untouched
     for order in ("cs", "parallel"):                                         # SRU last
         assert not SCConv(16, 16, order=order).eval().absorb_bn(torch.nn.BatchNorm2d(16).eval())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CRU(16, 32), lambda: CRU(16, 32, stride=2), lambda: CRU(128, 32, stride=2),
+], ids=["cru", "cru-stride2", "cru-no-pwc2"])
+def test_transform_fuse_agree_with_forward_after_absorb_bn(make):
+    """The public Eq. 5-9 steps see what absorb_bn set (reuse affine, logit scale): after it,
+    ``fuse(*transform(x))`` is still ``forward(x)`` and ``fuse_weights`` its beta."""
+    torch.manual_seed(0)
+    cru = make().eval()
+    with torch.no_grad():
+        for p in cru.parameters():
+            p.normal_(0, 0.3)
+    host, second = _host_bn(cru.out_channels), _host_bn(cru.out_channels)
+    x = torch.randn(2, cru.in_channels, 9, 9)
+    with torch.no_grad():
+        for bn in (host, second):  # one BN, then a second composed with it
+            assert cru.absorb_bn(bn)
+            y = cru(x)
+            y1, y2 = cru.transform(x)
+            assert (cru.fuse(y1, y2) - y).abs().max() / y.abs().max() < 1e-5
+            beta1, beta2 = cru.fuse_weights(y1, y2)
+            torch.testing.assert_close(beta1 + beta2, torch.ones_like(beta1))
+            torch.testing.assert_close(beta1 * y1 + beta2 * y2, y, rtol=1e-4, atol=1e-4)
+            # the reused X_low part of Y2 carries the host BN's affine
+            c2 = 0 if cru.pwc2 is None else cru.pwc2.out_channels
+            x_low = cru.split_squeeze(x)[1]
+            torch.testing.assert_close(y2[:, c2:], cru.reuse_scale * x_low + cru.reuse_shift)
+

@@ -612,8 +612,7 @@ class CRU(nn.Module):
         y1a, y1b = self._upper(x_up)                                    # Eq. 5
         # Eq. 6: Y2 = PWC2(X_low) U X_low   (feature reuse)
         p2 = None if self.pwc2 is None else self.pwc2(x_low)
-        if self.reuse_scale is not None:  # absorb_bn: the host BN's affine on the reused part
-            x_low = torch.addcmul(self.reuse_shift, x_low, self.reuse_scale)
+        x_low = self._reused(x_low)
         # Eq. 7-9: Y = beta1 Y1 + beta2 Y2
         if _lean(self) and self.fusion_scale is None:
             return _CRUFuse.apply(y1a, y1b, p2, x_low)
@@ -621,13 +620,22 @@ class CRU(nn.Module):
                            keep_diff=torch.is_grad_enabled(), logit_scale=self.fusion_scale)[0]
 
     def transform(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Split and Transform: return (Y1, Y2) of Eq. 5 and 6."""
+        """Split and Transform: return (Y1, Y2) of Eq. 5 and 6 (after :meth:`absorb_bn`, with
+        the host BN's affine in both, so that ``fuse(*transform(x)) == forward(x)``)."""
         x_up, x_low = self.split_squeeze(x)
         y1a, y1b = self._upper(x_up)                                    # Eq. 5
         y1 = y1a if y1b is None else y1a + y1b
         # Eq. 6: Y2 = PWC2(X_low) U X_low   (feature reuse)
-        y2 = x_low if self.pwc2 is None else torch.cat([self.pwc2(x_low), x_low], dim=1)
+        reused = self._reused(x_low)
+        y2 = reused if self.pwc2 is None else torch.cat([self.pwc2(x_low), reused], dim=1)
         return y1, y2
+
+    def _reused(self, x_low: torch.Tensor) -> torch.Tensor:
+        """The reused X_low of Eq. 6; after :meth:`absorb_bn` with the host BN's affine (PWC2
+        reads the unscaled X_low, its weights carry the affine)."""
+        if self.reuse_scale is None:
+            return x_low
+        return torch.addcmul(self.reuse_shift, x_low, self.reuse_scale)
 
     def _upper(self, x_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Eq. 5, ``Y1 = GWC(X_up) + PWC1(X_up)`` (the GWC carries the stride), as the two terms,
@@ -671,15 +679,17 @@ class CRU(nn.Module):
             return outs
         return outs[0].split([self.squeeze_up.out_channels, self.squeeze_low.out_channels], 1)
 
-    @staticmethod
-    def _beta1(y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    def _beta1(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         # Eq. 7: S_m = GAP(Y_m); Eq. 8: beta1 = e^S1 / (e^S1 + e^S2) = sigmoid(S1 - S2)
-        return torch.sigmoid(y1.mean((2, 3), keepdim=True) - y2.mean((2, 3), keepdim=True))
+        logits = y1.mean((2, 3), keepdim=True) - y2.mean((2, 3), keepdim=True)
+        if self.fusion_scale is not None:  # absorb_bn: S1 - S2 of the unscaled Y1, Y2
+            logits = logits * self.fusion_scale
+        return torch.sigmoid(logits)
 
-    @classmethod
-    def fuse_weights(cls, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 7-8: per-channel two-way softmax of the GAP descriptors -> (beta1, beta2)."""
-        beta1 = cls._beta1(y1, y2)
+    def fuse_weights(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 7-8: per-channel two-way softmax of the GAP descriptors -> (beta1, beta2) (after
+        :meth:`absorb_bn` of the logits it would have had without the BN, as ``forward``)."""
+        beta1 = self._beta1(y1, y2)
         return beta1, 1.0 - beta1
 
     def fuse(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
