@@ -384,3 +384,21 @@ def test_transform_fuse_agree_with_forward_after_absorb_bn(make):
             x_low = cru.split_squeeze(x)[1]
             torch.testing.assert_close(y2[:, c2:], cru.reuse_scale * x_low + cru.reuse_shift)
 
+
+def test_scconv_absorb_bn_changes_nothing_when_the_cru_declines():
+    """SCConv decides first: a BN the CRU cannot take leaves the SRU's GN trainable and
+    unfolded (fuse_for_inference freezes the folded affine)."""
+    conv = SCConv(16, 32).eval()
+    for bn in (torch.nn.BatchNorm2d(16).eval(),                      # wrong width
+               torch.nn.BatchNorm2d(32, track_running_stats=False),  # no running statistics
+               torch.nn.GroupNorm(4, 32)):
+        assert not conv.absorb_bn(bn)
+        assert conv.sru.folded_weight is None and conv.sru.folded_bias is None
+        assert conv.cru.fused_upper is None and conv.cru.fusion_scale is None
+    x = torch.randn(1, 16, 5, 5)
+    with torch.no_grad():  # the GN affine still reaches the output
+        before = conv(x)
+        conv.sru.gn.weight.mul_(-1.7)
+        assert not torch.allclose(conv(x), before)
+    assert conv.absorb_bn(torch.nn.BatchNorm2d(32).eval())
+    assert conv.sru.folded_weight is not None and conv.cru.fusion_scale is not None

@@ -846,7 +846,7 @@ class SCConv(nn.Module):
         """Fold the host network's BN after SCConv into its CRU (``order="sc"``, where the CRU
         is the last step; see :meth:`CRU.absorb_bn`). Other orders end in the SRU's gate or a
         sum with it and return ``False``."""
-        if self.order != "sc":
-            return False
+        if self.order != "sc" or not foldable_bn(bn, self.cru.out_channels):
+            return False  # decided before anything changes
         self.sru.fuse_for_inference()
         return self.cru.absorb_bn(bn)
