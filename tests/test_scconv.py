@@ -402,3 +402,29 @@ def test_scconv_absorb_bn_changes_nothing_when_the_cru_declines():
         assert not torch.allclose(conv(x), before)
     assert conv.absorb_bn(torch.nn.BatchNorm2d(32).eval())
     assert conv.sru.folded_weight is not None and conv.cru.fusion_scale is not None
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_soft_and_hard_gates_agree_at_the_threshold(training):
+    """Both gates mark a position informative when sigmoid(z) > t, decided by one comparison
+    (z > logit(t)): in float32, sigmoid(z) rounds to exactly 0.5 for 0 < z < 3e-8, where a
+    comparison after the sigmoid called the position non-informative."""
+    # GN(X) = +-1 exactly (X = +-3, mean 0); gamma = (1e-6, 1e-6, 1, 1) makes W_gamma * GN(X)
+    # = gamma^2 / sum(gamma) * (+-1) + beta * gamma / sum(gamma): with these betas z is about
+    # 1e-8 and 2e-8 (+- 5e-13) in the first two channels and 2 +- 0.5 in the others
+    gamma, beta = torch.tensor([1e-6, 1e-6, 1.0, 1.0]), torch.tensor([0.02, 0.04, 4.0, 4.0])
+    x = 3 * torch.tensor([1.0, -1.0, -1.0, 1.0]).view(1, 1, 2, 2).repeat(2, 4, 1, 1)
+    outputs = []
+    for gate in ("soft", "hard"):
+        sru = SpatialReconstruction(4, gn_groups=1, gate=gate).train(training)
+        with torch.no_grad():
+            sru.gn.weight.copy_(gamma)
+            sru.gn.bias.copy_(beta)
+            weight, bias = sru.folded_affine()
+            z = F.group_norm(x, 1, weight, bias, sru.gn.eps)
+        assert (z > 0).all() and (z[:, :2] < 3e-8).all()
+        assert (torch.sigmoid(z[:, :2]) == 0.5).all()  # float32 rounding
+        outputs.append(sru(x.clone().requires_grad_(training)))
+    # every position informative: W1 = 1, W2 = 0 in both gates, X^w = X exactly
+    for out in outputs:
+        torch.testing.assert_close(out, x, rtol=0, atol=0)

@@ -113,12 +113,16 @@ def _step(t: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def _gate(z: torch.Tensor, threshold: float, soft: bool, inplace: bool):
-    """Eq. 3 from z = W_gamma * GN(X): ``(R or None, informative mask [R > t] as 0./1.)``."""
+    """Eq. 3 from z = W_gamma * GN(X): ``(R or None, informative mask [R > t] as 0./1.)``.
+
+    Both gates decide with one comparison, ``z > logit(t)`` (``sigmoid(z) > t`` exactly, made
+    before the sigmoid): after it, float32 rounds ``sigmoid(z)`` to 0.5 for 0 < z < 3e-8, and
+    ``R > 0.5`` would call those positions non-informative where the hard gate does not.
+    """
+    informative = _step(z, _logit(threshold))
     if soft:
-        reweight = z.sigmoid_() if inplace else torch.sigmoid(z)
-        return reweight, _step(reweight, threshold)
-    # sigmoid(z) > t  <=>  z > logit(t): the hard gate needs no sigmoid
-    return None, _step(z, _logit(threshold))
+        return (z.sigmoid_() if inplace else torch.sigmoid(z)), informative
+    return None, informative  # the hard gate needs no sigmoid
 
 
 def _reconstruct(x: torch.Tensor, reweight: torch.Tensor | None, informative: torch.Tensor,
@@ -311,18 +315,32 @@ class SpatialReconstruction(nn.Module):
             divide ``channels``. GN is ``nn.GroupNorm`` with affine weight 1 and bias 0 at init.
         gate_threshold: t in (0, 1).
         name: the constructor argument ``channels`` came from, used in error messages.
-        gate: ``"soft"`` (default) or ``"hard"``.
+        gate: ``"soft"`` (default) or ``"hard"``, two readings of the gate of Eq. 3.
 
-            * ``"soft"`` -- the popular code's variant (cheng-haha/ScConv after its issue #13),
-              *not* the paper text: :math:`W_1 = 1` where :math:`R > t` else :math:`R`;
-              :math:`W_2 = 0` where :math:`R > t` else :math:`R`. Gradients reach GN's
-              :math:`\gamma, \beta` through the below-threshold weights.
-            * ``"hard"`` -- the paper text: binary :math:`W_1 = [R > t]`, :math:`W_2 = 1 - W_1`.
-              Since :math:`\sigma(z) > t \Leftrightarrow z > \mathrm{logit}(t)`, the gate is a
-              sign test on :math:`W_\gamma \odot \mathrm{GN}(X)` at t = 0.5. GN only feeds the
+            The paper's sentence (Sec. 2.1) is "We set those weights above the threshold to 1
+            to obtain the informative weights W_1 while setting them to 0 to gain the
+            non-informative weights W_2": it fixes the weights *above* the threshold (1 in
+            :math:`W_1`, 0 in :math:`W_2`) and says nothing about those below it, which may be
+            0 / 1 (binary masks) or keep their sigmoid value :math:`R`. Both readings fit it:
+
+            * ``"soft"`` -- below the threshold the weights keep :math:`R`: :math:`W_1 = 1`
+              where :math:`R > t` else :math:`R`; :math:`W_2 = 0` where :math:`R > t` else
+              :math:`R`. This is the popular code's reading (cheng-haha/ScConv after its issue
+              #13, which quotes the sentence above). It is the default because it is the one
+              reading under which the Separate step is learnable as Sec. 2.1 describes (GN's
+              :math:`\gamma` are "trainable" and measure the feature maps' information):
+              gradients reach :math:`\gamma, \beta` through the below-threshold weights.
+            * ``"hard"`` -- binary masks: :math:`W_1 = [R > t]`, :math:`W_2 = 1 - W_1`, the
+              literal reading of "set to 1 / set to 0" for every weight. GN then only feeds the
               non-differentiable mask, so :math:`\gamma, \beta` can never get a gradient: in
               this mode they are made non-trainable (``requires_grad=False``; they stay in the
               state dict), which keeps "every trainable parameter gets a gradient" true.
+
+            In both, "above the threshold" is decided by one comparison, :math:`z >
+            \mathrm{logit}(t)` on :math:`z = W_\gamma \odot \mathrm{GN}(X)` (equivalent to
+            :math:`\sigma(z) > t`; a sign test at t = 0.5): comparing :math:`R` after a float32
+            sigmoid would round :math:`\sigma(z)` to 0.5 for 0 < z < 3e-8 and make the soft
+            gate disagree with the hard one there.
 
     Deviations: :math:`\sum_j \gamma_j` is used as in Eq. 2, without an epsilon or absolute value;
     it starts at C and could in principle approach 0 during training. Algebraically equivalent
@@ -427,8 +445,8 @@ class SRU(nn.Module):
     Output: ``(N, out_channels, ceil(H/stride), ceil(W/stride))``.
     Parameters: :math:`k^2 C_1 C_2` (+ :math:`C_2` with ``bias``) + :math:`2 C_1` (GN affine).
     ``in_channels`` must be even and divisible by ``gn_groups``. See
-    :class:`SpatialReconstruction` for the gate options (``gate="soft"`` default, popular code;
-    ``gate="hard"`` paper text, GN frozen).
+    :class:`SpatialReconstruction` for the gate options (``gate="soft"`` default, GN's affine
+    trains; ``gate="hard"`` binary masks, GN frozen; the paper's text allows both).
     """
 
     def __init__(
