@@ -1,6 +1,7 @@
 """leanconv tables: hparam vocabulary, row evaluation, JSON / markdown outputs, CLI."""
 
 import json
+import math
 
 import pytest
 
@@ -135,3 +136,48 @@ def test_tables_reads_the_packaged_csv_for_real(tmp_path, capsys):
         assert got["model"] == row["model"] and got["measured_params"] == expected.params
         assert got["measured_macs"] == expected.macs and got["error"] is None
     assert first["model"] == "resnet20" and resnet56["model"] == "resnet56"
+
+
+def _paper_rows(paper, model):
+    return [(i, r) for i, r in enumerate(T.read_targets(), 1)
+            if r["paper"] == paper and r["model"] == model]
+
+
+def test_spconv_resnet20_params_fit_truncation_not_rounding():
+    """docs/reproduction.md rows 2, 13, 15: SPConv prints its six ResNet-20 params truncated."""
+    rows = _paper_rows("SPConv", "resnet20")
+    assert [i for i, _ in rows] == [1, 2, 3, 13, 14, 15]
+    rounded_ok = []
+    for i, row in rows:
+        result = T.evaluate_row(row, i)
+        digits = len(row["params_M"].split(".")[1])
+        measured = result.params / 1e6
+        assert math.floor(measured * 10**digits) / 10**digits == float(row["params_M"]), i
+        rounded_ok.append(round(measured, digits) == float(row["params_M"]))
+    assert rounded_ok == [True, True, True, False, True, True]  # row 13: 0.156 -> 0.16
+
+
+def test_spconv_vgg_baseline_row_is_spconv_at_alpha_one():
+    """docs/reproduction.md row 4: the "Baseline" 16.62M / 349.51M is SPConv at alpha=1, g=1."""
+    (index, row), *_ = _paper_rows("SPConv", "vgg15")
+    assert index == 4 and row["conv"] == "vanilla"
+    vanilla = T.evaluate_row(row, index)
+    spconv = T.evaluate_row({**row, "conv": "spconv", "hparams": "alpha=1 g=1"}, index)
+    assert not vanilla.ok and vanilla.params_diff < -0.09  # the vanilla build is 10 % below
+    assert abs(spconv.params_diff) < 0.001 and abs(spconv.macs_diff) < 0.002
+
+
+def test_spconv_vgg_alpha_sweep_is_affine_except_the_printed_row_8():
+    """docs/reproduction.md row 8: MACs are affine in alpha; rows 5-7 predict 50.14M, not 55.14M."""
+    rows = _paper_rows("SPConv", "vgg15")[1:]
+    assert [r["hparams"] for _, r in rows] == [f"alpha=1/{n} g=2" for n in (2, 4, 8, 16)]
+    paper = [float(r["macs_G"]) * 1e3 for _, r in rows]
+    measured = [T.evaluate_row(r, i).macs / 1e6 for i, r in rows]
+    step = paper[0] - paper[1]                      # alpha 1/2 -> 1/4
+    assert paper[2] == pytest.approx(paper[1] - step / 2, abs=0.01)
+    predicted = paper[1] - step / 2 - step / 4      # from rows 5-6 alone
+    assert round(predicted, 2) == 50.14 and paper[3] - predicted == pytest.approx(5, abs=0.01)
+    m_step = measured[0] - measured[1]
+    for a, b, k in zip(measured, measured[1:], (1, 2, 4), strict=False):
+        assert a - b == pytest.approx(m_step / k, rel=1e-3)
+    assert abs(measured[3] / predicted - 1) < 0.01

@@ -85,7 +85,8 @@ MACS_TOL = 0.05
 #: MobileNetV2 94.72M and ResNet-50 1.305G / 0.836G exact; SCConv ResNet-56 126.84M exact,
 #: DenseNet-121 898.06M vs 898.23M). SPConv: + 4 per BN element, 1 per pooling input element,
 #: 1 per biased conv/linear output (ResNet-20 41.62M and all five SPConv-ResNet-20 rows within
-#: 0.1%). CompConv: conv + linear only (VGG-16 rows within 1.6%; nothing better supported).
+#: 0.1%). CompConv: conv + linear only, from its text: Sec. 3.5 counts a module's operations as
+#: Eq. 7-8, H x W x k^2 x C_in x C_out conv terms with none for normalisation.
 PAPER_COUNTERS: dict[str, str] = {
     "SPConv": "macs+bn4+pool+bias",
     "SlimConv": "macs+bn",
