@@ -95,6 +95,9 @@ def test_train_bad_arguments(tmp_path, capsys):
     assert "--resume needs --out" in _usage_error(["train", "resnet20", "--resume"], capsys)
     msg = _usage_error(["train", "resnet20", "--conv", "spconv", "--flipping", "none"], capsys)
     assert "--flipping does not apply to conv 'spconv'" in msg
+    msg = _usage_error(["train", "resnet20", "--conv", "spconv", "--split-ratio", "2", "--data",
+                        "synthetic", "--out", str(tmp_path / "run")], capsys)
+    assert "split_ratio must be in (0.0, 1.0], got 2.0" in msg
     assert not list(tmp_path.iterdir())
 
 

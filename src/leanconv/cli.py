@@ -397,6 +397,20 @@ def _add_train(sub) -> None:
             raise ValueError(str(e)) from None
         except CheckpointError as e:
             raise SystemExit(f"error: {e}") from None
+        # a bad conv hyperparameter is a usage error too: build on the meta device (no memory,
+        # no data read) so that it is found before training starts
+        import torch
+
+        from .data import dataset_info
+        from .models import create_model
+
+        info = dataset_info(config.data)
+        try:
+            with torch.device("meta"):
+                create_model(config.model, conv=config.conv, num_classes=info.num_classes,
+                             in_channels=info.in_channels, **config.hparams)
+        except TypeError as e:
+            raise ValueError(f"cannot build {config.model} with conv={config.conv}: {e}") from None
         try:
             result = train(config, resume=args.resume)
         except (CheckpointError, DataError, TrainError) as e:
