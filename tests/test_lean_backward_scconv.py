@@ -22,15 +22,13 @@ def ref_sru_unit(sru: SpatialReconstruction, x):
     gamma, beta = sru.gn.weight, sru.gn.bias
     w_gamma = gamma / gamma.sum()
     z = F.group_norm(x, sru.gn.num_groups, gamma * w_gamma, beta * w_gamma, sru.gn.eps)
+    t = sru.gate_threshold
+    informative = z > math.log(t / (1.0 - t))  # sigmoid(z) > t, without float32 rounding
     if sru.gate == "soft":
-        reweight = torch.sigmoid(z)
-        informative = reweight > sru.gate_threshold
-        x_reweighted = reweight * x
+        x_reweighted = torch.sigmoid(z) * x
         x1 = torch.where(informative, x, x_reweighted)
         x2 = x_reweighted.masked_fill(informative, 0.0)
     else:
-        t = sru.gate_threshold
-        informative = z > math.log(t / (1.0 - t))
         x1 = torch.where(informative, x, 0.0)
         x2 = x - x1
     return x1 + x2.roll(sru.channels // 2, dims=1)

@@ -279,15 +279,23 @@ def test_bad_input_gets_one_clear_error(synthetic_plan, tmp_path, capsys):
     other["machine"] = {**other["machine"], "cpu": "Some Other CPU"}
     with pytest.warns(UserWarning, match="plan made on another machine: cpu 'Some Other CPU'"):
         P.load_plan(other)
-    # the CLI: one line, no traceback
-    with pytest.raises(SystemExit) as exc:
-        main(["plan", "resnet20", "--max-macs", "0.1", "--convs", "ghost,spconv", "--batch", "8",
-              "--cache", str(tmp_path), "--no-check", "--out", str(tmp_path / "p.json")])
-    assert "smallest achievable" in str(exc.value.code)
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "resnet32", "--data", "synthetic", "--plan", str(path),
-              "--out", str(tmp_path / "r")])
-    assert "made for model 'resnet20', not 'resnet32'" in str(exc.value.code)
+    # the CLI: one line naming the problem, no traceback, exit 2
+    for argv, message in (
+            (["plan", "resnet20", "--max-macs", "0.1", "--convs", "ghost,spconv", "--batch", "8",
+              "--cache", str(tmp_path), "--no-check", "--out", str(tmp_path / "p.json")],
+             "smallest achievable is 0."),
+            (["plan", "resnet20", "--convs", "slim", "--cache", str(tmp_path)],
+             "unknown conv 'slim'; available convs"),
+            (["plan", "resnet20", "--max-macs", "-1"], "--max-macs"),
+            (["train", "resnet32", "--data", "synthetic", "--plan", str(path),
+              "--out", str(tmp_path / "r")], "made for model 'resnet20', not 'resnet32'"),
+            (["bench", "resnet20", "--plan", str(bad)], "corrupted leanconv plan")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and message in err[-1], (argv, err)
+        assert not any("Traceback" in line for line in err)
 
 
 def test_plan_cli_writes_the_file_and_prints_the_table(tmp_path, capsys):

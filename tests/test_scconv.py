@@ -355,3 +355,76 @@ def test_absorb_bn_declines_what_it_cannot_fold():
     assert cru.fusion_scale is None and cru.fused_upper is None              # untouched
     for order in ("cs", "parallel"):                                         # SRU last
         assert not SCConv(16, 16, order=order).eval().absorb_bn(torch.nn.BatchNorm2d(16).eval())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CRU(16, 32), lambda: CRU(16, 32, stride=2), lambda: CRU(128, 32, stride=2),
+], ids=["cru", "cru-stride2", "cru-no-pwc2"])
+def test_transform_fuse_agree_with_forward_after_absorb_bn(make):
+    """The public Eq. 5-9 steps see what absorb_bn set (reuse affine, logit scale): after it,
+    ``fuse(*transform(x))`` is still ``forward(x)`` and ``fuse_weights`` its beta."""
+    torch.manual_seed(0)
+    cru = make().eval()
+    with torch.no_grad():
+        for p in cru.parameters():
+            p.normal_(0, 0.3)
+    host, second = _host_bn(cru.out_channels), _host_bn(cru.out_channels)
+    x = torch.randn(2, cru.in_channels, 9, 9)
+    with torch.no_grad():
+        for bn in (host, second):  # one BN, then a second composed with it
+            assert cru.absorb_bn(bn)
+            y = cru(x)
+            y1, y2 = cru.transform(x)
+            assert (cru.fuse(y1, y2) - y).abs().max() / y.abs().max() < 1e-5
+            beta1, beta2 = cru.fuse_weights(y1, y2)
+            torch.testing.assert_close(beta1 + beta2, torch.ones_like(beta1))
+            torch.testing.assert_close(beta1 * y1 + beta2 * y2, y, rtol=1e-4, atol=1e-4)
+            # the reused X_low part of Y2 carries the host BN's affine
+            c2 = 0 if cru.pwc2 is None else cru.pwc2.out_channels
+            x_low = cru.split_squeeze(x)[1]
+            torch.testing.assert_close(y2[:, c2:], cru.reuse_scale * x_low + cru.reuse_shift)
+
+
+def test_scconv_absorb_bn_changes_nothing_when_the_cru_declines():
+    """SCConv decides first: a BN the CRU cannot take leaves the SRU's GN trainable and
+    unfolded (fuse_for_inference freezes the folded affine)."""
+    conv = SCConv(16, 32).eval()
+    for bn in (torch.nn.BatchNorm2d(16).eval(),                      # wrong width
+               torch.nn.BatchNorm2d(32, track_running_stats=False),  # no running statistics
+               torch.nn.GroupNorm(4, 32)):
+        assert not conv.absorb_bn(bn)
+        assert conv.sru.folded_weight is None and conv.sru.folded_bias is None
+        assert conv.cru.fused_upper is None and conv.cru.fusion_scale is None
+    x = torch.randn(1, 16, 5, 5)
+    with torch.no_grad():  # the GN affine still reaches the output
+        before = conv(x)
+        conv.sru.gn.weight.mul_(-1.7)
+        assert not torch.allclose(conv(x), before)
+    assert conv.absorb_bn(torch.nn.BatchNorm2d(32).eval())
+    assert conv.sru.folded_weight is not None and conv.cru.fusion_scale is not None
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_soft_and_hard_gates_agree_at_the_threshold(training):
+    """Both gates mark a position informative when sigmoid(z) > t, decided by one comparison
+    (z > logit(t)): in float32, sigmoid(z) rounds to exactly 0.5 for 0 < z < 3e-8, where a
+    comparison after the sigmoid called the position non-informative."""
+    # GN(X) = +-1 exactly (X = +-3, mean 0); gamma = (1e-6, 1e-6, 1, 1) makes W_gamma * GN(X)
+    # = gamma^2 / sum(gamma) * (+-1) + beta * gamma / sum(gamma): with these betas z is about
+    # 1e-8 and 2e-8 (+- 5e-13) in the first two channels and 2 +- 0.5 in the others
+    gamma, beta = torch.tensor([1e-6, 1e-6, 1.0, 1.0]), torch.tensor([0.02, 0.04, 4.0, 4.0])
+    x = 3 * torch.tensor([1.0, -1.0, -1.0, 1.0]).view(1, 1, 2, 2).repeat(2, 4, 1, 1)
+    outputs = []
+    for gate in ("soft", "hard"):
+        sru = SpatialReconstruction(4, gn_groups=1, gate=gate).train(training)
+        with torch.no_grad():
+            sru.gn.weight.copy_(gamma)
+            sru.gn.bias.copy_(beta)
+            weight, bias = sru.folded_affine()
+            z = F.group_norm(x, 1, weight, bias, sru.gn.eps)
+        assert (z > 0).all() and (z[:, :2] < 3e-8).all()
+        assert (torch.sigmoid(z[:, :2]) == 0.5).all()  # float32 rounding
+        outputs.append(sru(x.clone().requires_grad_(training)))
+    # every position informative: W1 = 1, W2 = 0 in both gates, X^w = X exactly
+    for out in outputs:
+        torch.testing.assert_close(out, x, rtol=0, atol=0)

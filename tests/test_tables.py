@@ -1,10 +1,12 @@
 """leanconv tables: hparam vocabulary, row evaluation, JSON / markdown outputs, CLI."""
 
 import json
+import math
 
 import pytest
 
 from leanconv import cli
+from leanconv import tables as T
 from leanconv.tables import parse_hparams, parse_input, read_targets, run_tables
 
 CSV = """paper,table,input,classes,model,conv,hparams,params_M,macs_G,note
@@ -99,3 +101,83 @@ def test_cli_counter_forces_one_convention(tmp_path):
                      "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert row["counter"] == "macs" and row["measured_macs"] == 144_907_992
+
+
+def test_tables_default_is_the_packaged_csv(monkeypatch, capsys):
+    from importlib import resources
+
+    packaged = T.packaged_targets()
+    assert packaged == resources.files("leanconv") / "targets" / "complexity.csv"
+    assert packaged.is_file()
+    rows = T.read_targets()  # no path: the packaged file
+    assert len(rows) == 66 and {r["paper"] for r in rows} == {
+        "SPConv", "SlimConv", "SCConv", "CompConv"}
+    # `leanconv tables` with no arguments evaluates every packaged row (stubbed: no building)
+    seen = []
+
+    def fake_evaluate(row, index, counter=None):
+        seen.append((index, row["model"]))
+        return T.RowResult(row=row, index=index)
+
+    monkeypatch.setattr(T, "evaluate_row", fake_evaluate)
+    assert cli.main(["tables"]) == 0
+    assert seen == [(i, r["model"]) for i, r in enumerate(rows, 1)]
+    assert "0/66 rows" in capsys.readouterr().out
+
+
+def test_tables_reads_the_packaged_csv_for_real(tmp_path, capsys):
+    out = tmp_path / "o.json"
+    assert cli.main(["tables", "--rows", "1,37", "--json", str(out)]) == 0
+
+    first, resnet56 = json.loads(out.read_text())
+    rows = T.read_targets()
+    for got, row in ((first, rows[0]), (resnet56, rows[36])):
+        expected = T.evaluate_row(row)
+        assert got["model"] == row["model"] and got["measured_params"] == expected.params
+        assert got["measured_macs"] == expected.macs and got["error"] is None
+    assert first["model"] == "resnet20" and resnet56["model"] == "resnet56"
+
+
+def _paper_rows(paper, model):
+    return [(i, r) for i, r in enumerate(T.read_targets(), 1)
+            if r["paper"] == paper and r["model"] == model]
+
+
+def test_spconv_resnet20_params_fit_truncation_not_rounding():
+    """docs/reproduction.md rows 2, 13, 15: SPConv prints its six ResNet-20 params truncated."""
+    rows = _paper_rows("SPConv", "resnet20")
+    assert [i for i, _ in rows] == [1, 2, 3, 13, 14, 15]
+    rounded_ok = []
+    for i, row in rows:
+        result = T.evaluate_row(row, i)
+        digits = len(row["params_M"].split(".")[1])
+        measured = result.params / 1e6
+        assert math.floor(measured * 10**digits) / 10**digits == float(row["params_M"]), i
+        rounded_ok.append(round(measured, digits) == float(row["params_M"]))
+    assert rounded_ok == [True, True, True, False, True, True]  # row 13: 0.156 -> 0.16
+
+
+def test_spconv_vgg_baseline_row_is_spconv_at_alpha_one():
+    """docs/reproduction.md row 4: the "Baseline" 16.62M / 349.51M is SPConv at alpha=1, g=1."""
+    (index, row), *_ = _paper_rows("SPConv", "vgg15")
+    assert index == 4 and row["conv"] == "vanilla"
+    vanilla = T.evaluate_row(row, index)
+    spconv = T.evaluate_row({**row, "conv": "spconv", "hparams": "alpha=1 g=1"}, index)
+    assert not vanilla.ok and vanilla.params_diff < -0.09  # the vanilla build is 10 % below
+    assert abs(spconv.params_diff) < 0.001 and abs(spconv.macs_diff) < 0.002
+
+
+def test_spconv_vgg_alpha_sweep_is_affine_except_the_printed_row_8():
+    """docs/reproduction.md row 8: MACs are affine in alpha; rows 5-7 predict 50.14M, not 55.14M."""
+    rows = _paper_rows("SPConv", "vgg15")[1:]
+    assert [r["hparams"] for _, r in rows] == [f"alpha=1/{n} g=2" for n in (2, 4, 8, 16)]
+    paper = [float(r["macs_G"]) * 1e3 for _, r in rows]
+    measured = [T.evaluate_row(r, i).macs / 1e6 for i, r in rows]
+    step = paper[0] - paper[1]                      # alpha 1/2 -> 1/4
+    assert paper[2] == pytest.approx(paper[1] - step / 2, abs=0.01)
+    predicted = paper[1] - step / 2 - step / 4      # from rows 5-6 alone
+    assert round(predicted, 2) == 50.14 and paper[3] - predicted == pytest.approx(5, abs=0.01)
+    m_step = measured[0] - measured[1]
+    for a, b, k in zip(measured, measured[1:], (1, 2, 4), strict=False):
+        assert a - b == pytest.approx(m_step / k, rel=1e-3)
+    assert abs(measured[3] / predicted - 1) < 0.01

@@ -286,7 +286,9 @@ def test_corrupt_and_mismatched_checkpoints_give_one_line_errors(tmp_path):
     garbage.write_bytes(b"not a checkpoint at all" * 10)
     assert "garbage.pt" in _one_line_exit(["eval", str(garbage)])
 
-    assert "does not exist" in _one_line_exit(["eval", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit) as err:  # a missing file is a usage error (exit 2)
+        main(["eval", str(tmp_path / "missing.pt")])
+    assert err.value.code == 2
 
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(2)}, plain)

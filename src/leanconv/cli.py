@@ -2,6 +2,11 @@
 
 Each subcommand has one ``_add_<command>(subparsers)`` function below that declares its
 arguments and sets ``func`` to the library call that does the work.
+
+Errors: a bad argument gives one line, ``leanconv COMMAND: error: MESSAGE``, and exit code 2 --
+whether argparse finds it (types below, ``choices``) or the library does (a ``ValueError``
+raised at construction, a missing input file; :func:`main` is the one place that prints these).
+Failures while the work runs (a corrupt checkpoint, a diverging loss) give one line and exit 1.
 """
 
 from __future__ import annotations
@@ -13,6 +18,77 @@ from .layers import available_convs, conv_hparams
 from .layers._utils import as_fraction
 
 __all__ = ["add_conv_arguments", "hparams_from_args", "main"]
+
+# Raised by a subcommand for a bad argument: main() prints one line and exits with code 2.
+_USAGE_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage of a conv-taking subcommand runs to ~20 lines)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _model_name(text: str) -> str:
+    from .models import available_models
+
+    names = available_models()
+    if text not in names:
+        raise argparse.ArgumentTypeError(
+            f"unknown model {text!r}; available models: {', '.join(names)}")
+    return text
+
+
+def _input_size(text: str) -> str:
+    """``224``, ``32x32`` or ``'cifar 32x32'`` (``leanconv.tables.parse_input``), sizes >= 1."""
+    from .tables import parse_input
+
+    try:
+        _, (h, w) = parse_input(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if min(h, w) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size >= 1 (e.g. 224, 32x32), got {text!r}")
+    return text
+
+
+def _existing_file(text: str) -> str:
+    import os
+
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,8 +154,8 @@ def hparams_from_args(args: argparse.Namespace, conv: str | None = None) -> dict
     if hasattr(args, "conv") and not hasattr(args, "convs"):
         unknown = sorted(set(given) - set(accepted))
         if unknown:
-            raise SystemExit(
-                f"error: --{unknown[0].replace('_', '-')} does not apply to conv {conv!r}; "
+            raise ValueError(
+                f"--{unknown[0].replace('_', '-')} does not apply to conv {conv!r}; "
                 f"its hyperparameters are: "
                 f"{', '.join('--' + k.replace('_', '-') for k in accepted) or '(none)'}"
             )
@@ -116,30 +192,32 @@ def _add_bench(sub) -> None:
         "bench", help="latency, training throughput and backward memory of conv types vs vanilla",
         description="Measure every conv type on the same architecture side by side and print "
         "ratios to vanilla. Only meaningful when nothing else runs on the cores.")
-    p.add_argument("model", help="model name (see leanconv.available_models())")
+    p.add_argument("model", type=_model_name, help="model name (see leanconv.available_models())")
     add_conv_arguments(p, multiple=True)
     p.add_argument("--batch", type=_int_list, default=[1, 32], metavar="B[,B...]",
                    help="inference batch sizes (default: 1,32)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=_positive_int, default=1,
                    help="intra-op threads for every measurement (default: 1)")
     p.add_argument("--train", action="store_true",
                    help="also measure training images/s and memory held for backward")
-    p.add_argument("--train-batch", type=int, default=None,
+    p.add_argument("--train-batch", type=_positive_int, default=None,
                    help="training batch size (default: the largest --batch)")
     p.add_argument("--train-memory-format", choices=("contiguous", "channels_last"),
                    default="contiguous",
                    help="layout of model and batch in the training measurement (default: "
                    "contiguous)")
-    p.add_argument("--input", type=int, default=32, help="input height = width (default: 32)")
-    p.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
+    p.add_argument("--input", type=_positive_int, default=32,
+                   help="input height = width (default: 32)")
+    p.add_argument("--classes", type=_positive_int, default=10,
+                   help="number of classes (default: 10)")
     p.add_argument("--inference-path", choices=("eager", "prepared", "compiled"), default="eager",
                    help="eager: model.eval(); prepared: leanconv.prepare_for_inference; "
                    "compiled: prepared + torch.compile (default: eager)")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=_positive_int, default=3,
                    help="interleaved rounds over the conv types (default: 3)")
-    p.add_argument("--min-run-time", type=float, default=0.5,
+    p.add_argument("--min-run-time", type=_positive_float, default=0.5,
                    help="seconds per latency measurement and round (default: 0.5)")
-    p.add_argument("--train-steps", type=int, default=5,
+    p.add_argument("--train-steps", type=_positive_int, default=5,
                    help="timed training steps per round (default: 5)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON")
@@ -154,12 +232,9 @@ def _add_bench(sub) -> None:
         convs = [c.strip() for c in args.convs.split(",") if c.strip()]
         plan = None
         if args.plan is not None:
-            from .plan import PlanError, load_plan
+            from .plan import load_plan
 
-            try:
-                plan = load_plan(args.plan)
-            except PlanError as e:
-                raise SystemExit(f"error: {e}") from None
+            plan = load_plan(args.plan)  # a PlanError is a ValueError: main() prints one line
         report = bench_model(
             args.model, convs, input_size=args.input, num_classes=args.classes, plan=plan,
             hparams={c: hparams_from_args(args, c) for c in convs},
@@ -178,7 +253,7 @@ def _add_bench(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="leanconv",
         description="Slim convolutions (SlimConv, SPConv, SCConv, CompConv): build, profile, "
         "train, compare and benchmark.",
@@ -197,13 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_profile(sub) -> None:
     p = sub.add_parser("profile", help="parameters, MACs (= the papers' FLOPs) and a per-layer "
                        "table of a model, counted on the meta device")
-    p.add_argument("model", help="model name (see `leanconv.available_models()`)")
+    p.add_argument("model", type=_model_name,
+                   help="model name (see `leanconv.available_models()`)")
     add_conv_arguments(p)
-    p.add_argument("--input", default="224", metavar="SIZE",
+    p.add_argument("--input", type=_input_size, default=None, metavar="SIZE",
                    help="input size: 224, 32x32 or 'cifar 32x32'; <= 64 picks the CIFAR build "
-                   "of models that have one (default: 224)")
-    p.add_argument("--classes", type=int, default=None, help="classifier width")
-    p.add_argument("--in-channels", type=int, default=None, help="input channels (default 3)")
+                   "of models that have one (default: the model's, 32 for CIFAR-only models "
+                   "such as resnet20, else 224)")
+    p.add_argument("--classes", type=_positive_int, default=None, help="classifier width")
+    p.add_argument("--in-channels", type=_positive_int, default=None,
+                   help="input channels (default 3)")
     p.add_argument("--layers", action="store_true", help="print one line per layer")
     p.add_argument("--elementwise", action="store_true",
                    help="also count norm / activation / elementwise / pooling ops")
@@ -214,15 +292,21 @@ def _add_profile(sub) -> None:
     def run(args):
         import json
 
+        from .models import default_input_size
         from .profile import profile
         from .tables import build_model, parse_input
 
-        _, (h, w) = parse_input(args.input)
-        model, name = build_model(args.model, args.conv, input=args.input,
-                                  num_classes=args.classes, in_channels=args.in_channels,
-                                  **hparams_from_args(args, args.conv))
-        report = profile(model, (h, w), count_elementwise=args.elementwise, counter=args.counter)
+        size = args.input or str(default_input_size(args.model))
+        _, (h, w) = parse_input(size)
         hp = hparams_from_args(args, args.conv)
+        model, name = build_model(args.model, args.conv, input=size, num_classes=args.classes,
+                                  in_channels=args.in_channels, **hp)
+        try:
+            report = profile(model, (h, w), count_elementwise=args.elementwise,
+                             counter=args.counter)
+        except RuntimeError as e:  # e.g. a kernel larger than the downsampled map
+            raise ValueError(f"--input {h}x{w}: {name} cannot run at this size "
+                             f"({str(e).splitlines()[0]})") from None
         print(f"{name}  conv={args.conv}" + "".join(f" {k}={v}" for k, v in hp.items()))
         print(report.table(layers=args.layers))
         if args.json:
@@ -235,13 +319,14 @@ def _add_profile(sub) -> None:
 
 def _add_tables(sub) -> None:
     p = sub.add_parser("tables", help="reproduce the papers' Params/FLOPs rows of a targets CSV")
-    p.add_argument("--targets", default="/work/shared/targets/complexity.csv",
+    p.add_argument("--targets", type=_existing_file, default=None, metavar="CSV",
                    help="CSV with columns paper,table,input,classes,model,conv,hparams,"
-                   "params_M,macs_G (see docs/reproduction.md)")
+                   "params_M,macs_G (default: the papers' 66 rows shipped with leanconv, "
+                   "leanconv/targets/complexity.csv; see docs/reproduction.md)")
     p.add_argument("--markdown", metavar="OUT.md", default=None, help="write a markdown table")
     p.add_argument("--json", metavar="OUT.json", default=None,
                    help="write one object per CSV row with measured_params_M / measured_macs_G")
-    p.add_argument("--rows", default=None, metavar="1,2,5",
+    p.add_argument("--rows", type=_int_list, default=None, metavar="1,2,5",
                    help="only these 1-based CSV rows")
     p.add_argument("--counter", default=None, choices=("macs", "macs+bn", "macs+bn4+pool+bias"),
                    help="one counting convention for every row (default: each paper's own)")
@@ -249,8 +334,7 @@ def _add_tables(sub) -> None:
     def run(args):
         from .tables import run_tables
 
-        rows = [int(x) for x in args.rows.split(",")] if args.rows else None
-        run_tables(args.targets, markdown=args.markdown, json_path=args.json, rows=rows,
+        run_tables(args.targets, markdown=args.markdown, json_path=args.json, rows=args.rows,
                    counter=args.counter)
 
     p.set_defaults(func=run)
@@ -262,7 +346,7 @@ def _add_train(sub) -> None:
         description="Train MODEL with conv NAME. Writes config.yaml/json, metrics.csv/jsonl, "
         "last.pt and best.pt to --out. Under `torchrun --nproc_per_node N` the same command "
         "runs data-parallel.")
-    p.add_argument("model", help="model name (see leanconv.available_models())")
+    p.add_argument("model", type=_model_name, help="model name (see leanconv.available_models())")
     add_conv_arguments(p)
     p.add_argument("--data", default=None,
                    help="fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic "
@@ -272,16 +356,16 @@ def _add_train(sub) -> None:
                    "imagenet-cosine) or a .yaml path (default: the dataset's)")
     p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-CONV-DATA)")
     p.add_argument("--data-dir", default=None, help="folder with the dataset files")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="per process")
-    p.add_argument("--lr", type=float, default=None, help="(peak) learning rate")
+    p.add_argument("--epochs", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="per process")
+    p.add_argument("--lr", type=_positive_float, default=None, help="(peak) learning rate")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--label-smoothing", type=float, default=None)
     p.add_argument("--schedule", choices=("step", "cosine", "onecycle", "constant"), default=None)
     p.add_argument("--seed", type=int, default=None, help="default 0; a seed repeats a run")
-    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+    p.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
                    help="train on a fixed random subset of N images (quick runs)")
-    p.add_argument("--test-subset", type=int, default=None, metavar="N",
+    p.add_argument("--test-subset", type=_positive_int, default=None, metavar="N",
                    help="evaluate on a fixed random subset of N test images")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="turn off the dataset's training augmentation")
@@ -318,17 +402,14 @@ def _add_train(sub) -> None:
             schedule=args.schedule, seed=args.seed, train_subset=args.train_subset,
             test_subset=args.test_subset, augment=args.augment, amp=args.amp,
             channels_last=args.channels_last, workers=args.workers, device=args.device)
+        if args.resume and args.out is None and args.resume is True:
+            raise ValueError("--resume needs --out DIR (or --resume CHECKPOINT)")
         try:
             if args.plan is not None:
-                from .plan import PlanError, load_plan
+                from .plan import load_plan
 
-                try:
-                    overrides["plan"] = load_plan(args.plan).to_dict()
-                except PlanError as e:
-                    raise TrainError(str(e)) from None
+                overrides["plan"] = load_plan(args.plan).to_dict()
             if args.resume:
-                if args.out is None and args.resume is True:
-                    raise TrainError("--resume needs --out DIR (or --resume CHECKPOINT)")
                 path = args.resume if args.resume is not True else f"{args.out}/last.pt"
                 config = resume_config(path, recipe=args.recipe, hparams=hparams or None,
                                        **overrides)
@@ -337,6 +418,25 @@ def _add_train(sub) -> None:
                     conv = "planned" if args.plan else args.conv
                     overrides["out"] = f"runs/{args.model}-{conv}-{args.data or 'default'}"
                 config = resolve_config(args.recipe, hparams=hparams, **overrides)
+        except (DataError, TrainError) as e:  # a bad --data, --recipe or option value
+            raise ValueError(str(e)) from None
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
+        # a bad conv hyperparameter is a usage error too: build on the meta device (no memory,
+        # no data read) so that it is found before training starts
+        import torch
+
+        from .data import dataset_info
+        from .models import create_model
+
+        info = dataset_info(config.data)
+        try:
+            with torch.device("meta"):
+                create_model(config.model, conv=config.conv, num_classes=info.num_classes,
+                             in_channels=info.in_channels, **config.hparams)
+        except TypeError as e:
+            raise ValueError(f"cannot build {config.model} with conv={config.conv}: {e}") from None
+        try:
             result = train(config, resume=args.resume)
         except (CheckpointError, DataError, TrainError) as e:
             raise SystemExit(f"error: {e}") from None
@@ -350,10 +450,11 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a checkpoint on a test set",
                        description="Rebuild the model a checkpoint describes and report test "
                        "top-1, top-5 and loss (the run's numbers, exactly, on its dataset).")
-    p.add_argument("checkpoint", help="a last.pt or best.pt written by `leanconv train`")
+    p.add_argument("checkpoint", type=_existing_file,
+                   help="a last.pt or best.pt written by `leanconv train`")
     p.add_argument("--data", default=None, help="dataset (default: the one it was trained on)")
     p.add_argument("--data-dir", default=None, help="folder with the dataset files")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="default: the run's eval batch size")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--json", metavar="OUT", default=None,
@@ -391,7 +492,8 @@ def _add_compare(sub) -> None:
         "results.json, pareto.png and the resolved config to --out; re-running with the same "
         "--out reuses finished entries. Budgets: "
         + "; ".join(f"{b.name}: {b.description}" for b in BUDGETS.values()))
-    p.add_argument("--model", default="resnet20", help="model name (default: resnet20)")
+    p.add_argument("--model", type=_model_name, default="resnet20",
+                   help="model name (default: resnet20)")
     add_conv_arguments(p, multiple=True)
     p.set_defaults(convs=",".join(DEFAULT_CONVS))
     p.add_argument("--data", default="fashion-mnist",
@@ -399,7 +501,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the dataset files")
     p.add_argument("--budget", choices=list(BUDGETS), default="quick",
                    help="quick (default, < 10 min on 2 cores), standard, full, tiny (tests)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: budget's)")
+    p.add_argument("--seeds", type=_positive_int, default=None,
+                   help="number of seeds (default: budget's)")
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
     p.add_argument("--recipe", default=None, help="training recipe (default: the dataset's)")
     p.add_argument("--epochs", type=int, default=None, help="override the budget's epochs")
@@ -409,15 +512,15 @@ def _add_compare(sub) -> None:
                    help="override the budget's test subset (0 = full test set)")
     p.add_argument("--batch", type=_int_list, default=None, metavar="B[,B...]",
                    help="inference latency batch sizes (default: 1,32)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="intra-op threads of the speed measurements (default: 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
-    p.add_argument("--plan-max-macs", type=float, default=None, metavar="F",
+    p.add_argument("--plan-max-macs", type=_positive_float, default=None, metavar="F",
                    help="MAC budget (fraction of vanilla's) of the 'planned' row: the network "
                    "`leanconv plan` chooses among the study's convs for training on this "
                    "machine (default: 0.8; tiny budget: no planned row)")
     p.add_argument("--no-plan", action="store_true", help="no 'planned' row")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--time-budget", type=_non_negative_float, default=None, metavar="SECONDS",
                    help="size the train subset so that the study takes SECONDS (quick: 540; "
                    "0 = no sizing)")
 
@@ -446,8 +549,11 @@ def _add_compare(sub) -> None:
                 config.plan_max_macs = None
             if args.time_budget is not None:
                 config.time_budget = args.time_budget or None
+        except (DataError, TrainError) as e:  # a bad --data or --recipe
+            raise ValueError(str(e)) from None
+        try:
             run_compare(config)
-        except (ValueError, CheckpointError, DataError, TrainError) as e:
+        except (CheckpointError, DataError, TrainError) as e:
             raise SystemExit(f"error: {e}") from None
 
     p.set_defaults(func=run)
@@ -464,28 +570,32 @@ def _add_plan(sub) -> None:
         "(or the leanest under a time budget), then time the planned network whole against "
         "vanilla. Measured times are cached per machine, so planning again measures nothing "
         "new. Only meaningful when nothing else runs on the cores.")
-    p.add_argument("model", help="model name (see leanconv.available_models())")
-    p.add_argument("--input", type=int, default=32, help="input height = width (default: 32)")
-    p.add_argument("--batch", type=int, default=128, help="batch size (default: 128)")
-    p.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
-    p.add_argument("--in-channels", type=int, default=3, help="input channels (default: 3)")
+    p.add_argument("model", type=_model_name, help="model name (see leanconv.available_models())")
+    p.add_argument("--input", type=_positive_int, default=32,
+                   help="input height = width (default: 32)")
+    p.add_argument("--batch", type=_positive_int, default=128, help="batch size (default: 128)")
+    p.add_argument("--classes", type=_positive_int, default=10,
+                   help="number of classes (default: 10)")
+    p.add_argument("--in-channels", type=_positive_int, default=3,
+                   help="input channels (default: 3)")
     p.add_argument("--objective", choices=OBJECTIVES, default="inference",
                    help="inference: best of eager and prepare_for_inference; training: forward "
                    "+ backward + SGD step, best of NCHW and channels_last (default: inference)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--max-macs", type=float, default=None, metavar="F",
+    budget.add_argument("--max-macs", type=_positive_float, default=None, metavar="F",
                         help="MAC budget as a fraction of vanilla's (default: 1.0); the "
                         "predicted time is minimised")
-    budget.add_argument("--max-time", type=float, default=None, metavar="F",
+    budget.add_argument("--max-time", type=_positive_float, default=None, metavar="F",
                         help="time budget as a fraction of vanilla's predicted time; the MACs "
                         "are minimised")
     p.add_argument("--convs", default=None, metavar="NAME[,NAME...]",
                    help="candidate conv types (default: every registered one; vanilla is "
                    "always a candidate)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="intra-op threads (default: torch's, i.e. the cores)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
-    p.add_argument("--min-run-time", type=float, default=0.1,
+    p.add_argument("--rounds", type=_positive_int, default=3,
+                   help="interleaved rounds (default: 3)")
+    p.add_argument("--min-run-time", type=_non_negative_float, default=0.1,
                    help="seconds per candidate and round (default: 0.1)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE),
                    help=f"folder of the latency tables (default: {DEFAULT_CACHE})")
@@ -495,21 +605,18 @@ def _add_plan(sub) -> None:
     p.add_argument("--out", default="plan.json", help="plan file to write (default: plan.json)")
 
     def run(args):
-        from .plan import PlanError, format_plan, make_plan
+        from .plan import format_plan, make_plan
 
         convs = None
         if args.convs is not None:
             convs = [c.strip() for c in args.convs.split(",") if c.strip()]
-        try:
-            plan = make_plan(
-                args.model, input_size=args.input, batch=args.batch, num_classes=args.classes,
-                in_channels=args.in_channels, objective=args.objective, max_macs=args.max_macs,
-                max_time=args.max_time, convs=convs, threads=args.threads, device=args.device,
-                rounds=args.rounds, min_run_time=args.min_run_time, cache_dir=args.cache,
-                check=not args.no_check,
-                progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-        except PlanError as e:
-            raise SystemExit(f"error: {e}") from None
+        plan = make_plan(  # a PlanError is a ValueError: main() prints one line
+            args.model, input_size=args.input, batch=args.batch, num_classes=args.classes,
+            in_channels=args.in_channels, objective=args.objective, max_macs=args.max_macs,
+            max_time=args.max_time, convs=convs, threads=args.threads, device=args.device,
+            rounds=args.rounds, min_run_time=args.min_run_time, cache_dir=args.cache,
+            check=not args.no_check,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True))
         plan.save(args.out)
         print(format_plan(plan))
         print(f"plan written to {args.out}")
@@ -522,12 +629,20 @@ _SUBCOMMANDS = [_add_convs, _add_profile, _add_tables, _add_bench, _add_plan, _a
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``leanconv ARGV``. A bad argument ends in one line on stderr and exit code 2 (see the
+    module docstring); a failure while the work runs in one line and exit code 1."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not args.no_tune_allocator:
         from .runtime import tune_allocator
 
         tune_allocator()
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except _USAGE_ERRORS as e:  # the one error path for bad arguments
+        message = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) else str(e)
+        prog = f"{parser.prog} {args.command}"
+        parser.exit(2, f"{prog}: error: {message} (see {prog} --help)\n")
     return int(result or 0)
 
 

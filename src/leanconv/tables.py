@@ -1,6 +1,8 @@
 """Reproduce the papers' Params / FLOPs columns from a CSV of target rows.
 
-The CSV (``/work/shared/targets/complexity.csv`` is the reference one) has the columns
+The reference CSV, the papers' 66 target rows, ships with the package
+(``leanconv/targets/complexity.csv``, :func:`packaged_targets`; its README there names each row's
+paper and table). A CSV has the columns
 ``paper, table, input, classes, model, conv, hparams, params_M, macs_G, note``; any other columns
 are carried through. Each row is built with :func:`leanconv.create_model` on the meta device and
 measured with :func:`leanconv.profile`; the paper's "FLOPs" are multiply-accumulates (MACs).
@@ -41,9 +43,13 @@ import csv
 import inspect
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
 
 import torch
 
@@ -60,6 +66,7 @@ __all__ = [
     "RowResult",
     "build_model",
     "evaluate_rows",
+    "packaged_targets",
     "parse_hparams",
     "parse_input",
     "read_targets",
@@ -78,7 +85,8 @@ MACS_TOL = 0.05
 #: MobileNetV2 94.72M and ResNet-50 1.305G / 0.836G exact; SCConv ResNet-56 126.84M exact,
 #: DenseNet-121 898.06M vs 898.23M). SPConv: + 4 per BN element, 1 per pooling input element,
 #: 1 per biased conv/linear output (ResNet-20 41.62M and all five SPConv-ResNet-20 rows within
-#: 0.1%). CompConv: conv + linear only (VGG-16 rows within 1.6%; nothing better supported).
+#: 0.1%). CompConv: conv + linear only, from its text: Sec. 3.5 counts a module's operations as
+#: Eq. 7-8, H x W x k^2 x C_in x C_out conv terms with none for normalisation.
 PAPER_COUNTERS: dict[str, str] = {
     "SPConv": "macs+bn4+pool+bias",
     "SlimConv": "macs+bn",
@@ -313,9 +321,15 @@ class RowResult:
         return out
 
 
-def read_targets(path: str) -> list[dict[str, str]]:
-    """Rows of a targets CSV (``#``-prefixed lines are comments)."""
-    with open(path, newline="") as handle:
+def packaged_targets() -> Traversable:
+    """The papers' target rows shipped with leanconv (``leanconv/targets/complexity.csv``)."""
+    return resources.files("leanconv") / "targets" / "complexity.csv"
+
+
+def read_targets(path: str | os.PathLike | None = None) -> list[dict[str, str]]:
+    """Rows of a targets CSV (``#``-prefixed lines are comments); ``None``: the packaged one."""
+    source = packaged_targets() if path is None else Path(path)
+    with source.open(newline="") as handle:
         lines = [line for line in handle if line.strip() and not line.lstrip().startswith("#")]
     rows = list(csv.DictReader(lines))
     required = {"input", "model", "conv"}
@@ -438,13 +452,20 @@ def to_json(results: Sequence[RowResult]) -> str:
     return json.dumps([r.to_dict() for r in results], indent=2)
 
 
-def run_tables(targets: str, markdown: str | None = None, json_path: str | None = None,
-               rows: Sequence[int] | None = None, counter: str | None = None) -> list[RowResult]:
+def run_tables(targets: str | os.PathLike | None = None, markdown: str | None = None,
+               json_path: str | None = None, rows: Sequence[int] | None = None,
+               counter: str | None = None) -> list[RowResult]:
     """What ``leanconv tables`` does: evaluate, print, and write markdown / JSON.
 
-    ``counter`` forces one counting convention for every row (default: each paper's own).
+    ``targets``: a CSV path (default: the packaged papers' rows, :func:`packaged_targets`);
+    ``rows``: 1-based row numbers to evaluate (default: all); ``counter`` forces one counting
+    convention for every row (default: each paper's own).
     """
     data = read_targets(targets)
+    bad = sorted(i for i in rows or () if not 1 <= i <= len(data))
+    if bad:
+        raise ValueError(f"rows must be between 1 and {len(data)} (the CSV's data rows), "
+                         f"got {bad[0]}")
     wanted = set(rows or range(1, len(data) + 1))
     results = [evaluate_row(row, i, counter) for i, row in enumerate(data, 1) if i in wanted]
     print(to_text(results))

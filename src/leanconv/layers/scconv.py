@@ -1,7 +1,6 @@
 """SCConv: Spatial and Channel Reconstruction Convolution (Li, Wen, He, CVPR 2023).
 
-Paper: ``/work/shared/papers/002_*.txt``. SCConv replaces a k x k convolution by two units in
-sequence (Sec. 2, Fig. 1):
+SCConv replaces a k x k convolution by two units in sequence (Sec. 2, Fig. 1):
 
 * the Spatial Reconstruction Unit (SRU, Sec. 2.1, Eq. 1-4) separates informative from less
   informative positions with Group Normalization's scale factors and cross-adds the two parts;
@@ -114,12 +113,16 @@ def _step(t: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def _gate(z: torch.Tensor, threshold: float, soft: bool, inplace: bool):
-    """Eq. 3 from z = W_gamma * GN(X): ``(R or None, informative mask [R > t] as 0./1.)``."""
+    """Eq. 3 from z = W_gamma * GN(X): ``(R or None, informative mask [R > t] as 0./1.)``.
+
+    Both gates decide with one comparison, ``z > logit(t)`` (``sigmoid(z) > t`` exactly, made
+    before the sigmoid): after it, float32 rounds ``sigmoid(z)`` to 0.5 for 0 < z < 3e-8, and
+    ``R > 0.5`` would call those positions non-informative where the hard gate does not.
+    """
+    informative = _step(z, _logit(threshold))
     if soft:
-        reweight = z.sigmoid_() if inplace else torch.sigmoid(z)
-        return reweight, _step(reweight, threshold)
-    # sigmoid(z) > t  <=>  z > logit(t): the hard gate needs no sigmoid
-    return None, _step(z, _logit(threshold))
+        return (z.sigmoid_() if inplace else torch.sigmoid(z)), informative
+    return None, informative  # the hard gate needs no sigmoid
 
 
 def _reconstruct(x: torch.Tensor, reweight: torch.Tensor | None, informative: torch.Tensor,
@@ -312,18 +315,32 @@ class SpatialReconstruction(nn.Module):
             divide ``channels``. GN is ``nn.GroupNorm`` with affine weight 1 and bias 0 at init.
         gate_threshold: t in (0, 1).
         name: the constructor argument ``channels`` came from, used in error messages.
-        gate: ``"soft"`` (default) or ``"hard"``.
+        gate: ``"soft"`` (default) or ``"hard"``, two readings of the gate of Eq. 3.
 
-            * ``"soft"`` -- the popular code's variant (cheng-haha/ScConv after its issue #13),
-              *not* the paper text: :math:`W_1 = 1` where :math:`R > t` else :math:`R`;
-              :math:`W_2 = 0` where :math:`R > t` else :math:`R`. Gradients reach GN's
-              :math:`\gamma, \beta` through the below-threshold weights.
-            * ``"hard"`` -- the paper text: binary :math:`W_1 = [R > t]`, :math:`W_2 = 1 - W_1`.
-              Since :math:`\sigma(z) > t \Leftrightarrow z > \mathrm{logit}(t)`, the gate is a
-              sign test on :math:`W_\gamma \odot \mathrm{GN}(X)` at t = 0.5. GN only feeds the
+            The paper's sentence (Sec. 2.1) is "We set those weights above the threshold to 1
+            to obtain the informative weights W_1 while setting them to 0 to gain the
+            non-informative weights W_2": it fixes the weights *above* the threshold (1 in
+            :math:`W_1`, 0 in :math:`W_2`) and says nothing about those below it, which may be
+            0 / 1 (binary masks) or keep their sigmoid value :math:`R`. Both readings fit it:
+
+            * ``"soft"`` -- below the threshold the weights keep :math:`R`: :math:`W_1 = 1`
+              where :math:`R > t` else :math:`R`; :math:`W_2 = 0` where :math:`R > t` else
+              :math:`R`. This is the popular code's reading (cheng-haha/ScConv after its issue
+              #13, which quotes the sentence above). It is the default because it is the one
+              reading under which the Separate step is learnable as Sec. 2.1 describes (GN's
+              :math:`\gamma` are "trainable" and measure the feature maps' information):
+              gradients reach :math:`\gamma, \beta` through the below-threshold weights.
+            * ``"hard"`` -- binary masks: :math:`W_1 = [R > t]`, :math:`W_2 = 1 - W_1`, the
+              literal reading of "set to 1 / set to 0" for every weight. GN then only feeds the
               non-differentiable mask, so :math:`\gamma, \beta` can never get a gradient: in
               this mode they are made non-trainable (``requires_grad=False``; they stay in the
               state dict), which keeps "every trainable parameter gets a gradient" true.
+
+            In both, "above the threshold" is decided by one comparison, :math:`z >
+            \mathrm{logit}(t)` on :math:`z = W_\gamma \odot \mathrm{GN}(X)` (equivalent to
+            :math:`\sigma(z) > t`; a sign test at t = 0.5): comparing :math:`R` after a float32
+            sigmoid would round :math:`\sigma(z)` to 0.5 for 0 < z < 3e-8 and make the soft
+            gate disagree with the hard one there.
 
     Deviations: :math:`\sum_j \gamma_j` is used as in Eq. 2, without an epsilon or absolute value;
     it starts at C and could in principle approach 0 during training. Algebraically equivalent
@@ -428,8 +445,8 @@ class SRU(nn.Module):
     Output: ``(N, out_channels, ceil(H/stride), ceil(W/stride))``.
     Parameters: :math:`k^2 C_1 C_2` (+ :math:`C_2` with ``bias``) + :math:`2 C_1` (GN affine).
     ``in_channels`` must be even and divisible by ``gn_groups``. See
-    :class:`SpatialReconstruction` for the gate options (``gate="soft"`` default, popular code;
-    ``gate="hard"`` paper text, GN frozen).
+    :class:`SpatialReconstruction` for the gate options (``gate="soft"`` default, GN's affine
+    trains; ``gate="hard"`` binary masks, GN frozen; the paper's text allows both).
     """
 
     def __init__(
@@ -613,8 +630,7 @@ class CRU(nn.Module):
         y1a, y1b = self._upper(x_up)                                    # Eq. 5
         # Eq. 6: Y2 = PWC2(X_low) U X_low   (feature reuse)
         p2 = None if self.pwc2 is None else self.pwc2(x_low)
-        if self.reuse_scale is not None:  # absorb_bn: the host BN's affine on the reused part
-            x_low = torch.addcmul(self.reuse_shift, x_low, self.reuse_scale)
+        x_low = self._reused(x_low)
         # Eq. 7-9: Y = beta1 Y1 + beta2 Y2
         if _lean(self) and self.fusion_scale is None:
             return _CRUFuse.apply(y1a, y1b, p2, x_low)
@@ -622,13 +638,22 @@ class CRU(nn.Module):
                            keep_diff=torch.is_grad_enabled(), logit_scale=self.fusion_scale)[0]
 
     def transform(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Split and Transform: return (Y1, Y2) of Eq. 5 and 6."""
+        """Split and Transform: return (Y1, Y2) of Eq. 5 and 6 (after :meth:`absorb_bn`, with
+        the host BN's affine in both, so that ``fuse(*transform(x)) == forward(x)``)."""
         x_up, x_low = self.split_squeeze(x)
         y1a, y1b = self._upper(x_up)                                    # Eq. 5
         y1 = y1a if y1b is None else y1a + y1b
         # Eq. 6: Y2 = PWC2(X_low) U X_low   (feature reuse)
-        y2 = x_low if self.pwc2 is None else torch.cat([self.pwc2(x_low), x_low], dim=1)
+        reused = self._reused(x_low)
+        y2 = reused if self.pwc2 is None else torch.cat([self.pwc2(x_low), reused], dim=1)
         return y1, y2
+
+    def _reused(self, x_low: torch.Tensor) -> torch.Tensor:
+        """The reused X_low of Eq. 6; after :meth:`absorb_bn` with the host BN's affine (PWC2
+        reads the unscaled X_low, its weights carry the affine)."""
+        if self.reuse_scale is None:
+            return x_low
+        return torch.addcmul(self.reuse_shift, x_low, self.reuse_scale)
 
     def _upper(self, x_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Eq. 5, ``Y1 = GWC(X_up) + PWC1(X_up)`` (the GWC carries the stride), as the two terms,
@@ -672,15 +697,17 @@ class CRU(nn.Module):
             return outs
         return outs[0].split([self.squeeze_up.out_channels, self.squeeze_low.out_channels], 1)
 
-    @staticmethod
-    def _beta1(y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    def _beta1(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         # Eq. 7: S_m = GAP(Y_m); Eq. 8: beta1 = e^S1 / (e^S1 + e^S2) = sigmoid(S1 - S2)
-        return torch.sigmoid(y1.mean((2, 3), keepdim=True) - y2.mean((2, 3), keepdim=True))
+        logits = y1.mean((2, 3), keepdim=True) - y2.mean((2, 3), keepdim=True)
+        if self.fusion_scale is not None:  # absorb_bn: S1 - S2 of the unscaled Y1, Y2
+            logits = logits * self.fusion_scale
+        return torch.sigmoid(logits)
 
-    @classmethod
-    def fuse_weights(cls, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 7-8: per-channel two-way softmax of the GAP descriptors -> (beta1, beta2)."""
-        beta1 = cls._beta1(y1, y2)
+    def fuse_weights(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 7-8: per-channel two-way softmax of the GAP descriptors -> (beta1, beta2) (after
+        :meth:`absorb_bn` of the logits it would have had without the BN, as ``forward``)."""
+        beta1 = self._beta1(y1, y2)
         return beta1, 1.0 - beta1
 
     def fuse(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
@@ -837,7 +864,7 @@ class SCConv(nn.Module):
         """Fold the host network's BN after SCConv into its CRU (``order="sc"``, where the CRU
         is the last step; see :meth:`CRU.absorb_bn`). Other orders end in the SRU's gate or a
         sum with it and return ``False``."""
-        if self.order != "sc":
-            return False
+        if self.order != "sc" or not foldable_bn(bn, self.cru.out_channels):
+            return False  # decided before anything changes
         self.sru.fuse_for_inference()
         return self.cru.absorb_bn(bn)

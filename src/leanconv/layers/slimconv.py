@@ -199,7 +199,9 @@ class SlimConv(nn.Module):
     **Transform** (§3.1): top :math:`T = \mathrm{BN}(F_{k\times k}(X'_w))`, :math:`C/r \to C/r`;
     bottom :math:`B = \mathrm{BN}(F_{k\times k}(\delta(\mathrm{BN}(F_{1\times 1}
     (X'_{\tilde w})))))`, the 1x1 conv halving :math:`C/r \to C/(2r)`, the k x k conv keeping
-    :math:`C/(2r)` (growing it back to :math:`C/2` at k = 1, see below).
+    :math:`C/(2r)` (growing it back to :math:`C/2` at k = 1, see below). The paper's Transform
+    names only the convs; the three BNs and the ReLU are the official code's (see the
+    deviations below).
 
     **Fuse**: :math:`Y = [T, B]` (top first), :math:`C/r + C/(2r) = 3C/(2r) = C/k` channels
     (``3C/4`` at the default k = 4/3).
@@ -220,7 +222,16 @@ class SlimConv(nn.Module):
     ``groups=32, bottom_groups=16``, its bottom width being a sixth of the block width
     (reference notes §1.3). The 1x1 convs are never grouped.
 
-    Where this follows the official code (JiaxiongQ/SlimConv) or departs from the paper text:
+    Deviations from the paper text -- where this follows the official code (JiaxiongQ/SlimConv)
+    rather than the paper, or departs from both:
+
+    * Transform's normalisation and activation come from the official code, not the paper:
+      §3.1 and Fig. 1(e)-(f) give the top pathway one k x k conv and the bottom pathway a 1x1
+      conv "followed by" a k x k conv, with no BN or ReLU. The official ``slim_conv_3x3`` puts
+      a BN after each k x k conv and BN + ReLU between the bottom 1x1 and k x k convs (and its
+      Bottleneck drops the host ``bn2``, the module ending in BNs); the published parameter
+      counts include those BNs (Sc-ResNet-50 k=4/3 16.76M exactly). The BN inside the SE's
+      ``F_fc1`` is the paper's (Eq. 1: "F_fc1 includes the Batch Normalization").
 
     * Both k x k convs carry ``stride`` and ``dilation``; the bottom 1x1 conv runs at the input
       resolution before the stride; the SE runs on the input (official code).
@@ -240,9 +251,11 @@ class SlimConv(nn.Module):
       kept) gives SlimConv-R56 (k=1) 0.597M params and, counted as the SCConv paper does (conv
       MACs + 2 per BN output + GAP), 88.82M FLOPs: the paper's 0.60M / 88.82M exactly. In
       ResNet-50's bottlenecks it gives 18.73M / 2.97 GMACs (SCConv Table 3: 18.81M / 3.00G).
-    * SE hidden width ``max(C // se_reduction, se_min_channels)``: the official code has no floor
-      (``C // 32``, zero channels and a crash for C < 32). The default ``se_min_channels=2`` is
-      the largest floor that leaves every layer of the paper's ImageNet ResNet/ResNeXt models
+    * SE hidden width ``max(C // se_reduction, se_min_channels)`` on every layer. The paper
+      uses ``C/32`` (Fig. 2) and ``max(C/r, L)`` only for DLA46-C and MobileNetV2 (§3.2); the
+      integer floor ``C // 32`` is the official code's, which has no lower bound (zero hidden
+      channels and a crash for C < 32). The default ``se_min_channels=2`` is a library floor:
+      the largest that leaves every layer of the paper's ImageNet ResNet/ResNeXt models
       (C >= 64) identical to the official code, hence the published parameter counts exact.
     * The BN inside ``F_fc1`` normalises a pooled ``(N, h, 1, 1)`` map; at batch size 1 in
       training mode it uses its running statistics (see ``_PooledBatchNorm2d``), where the

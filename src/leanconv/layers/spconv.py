@@ -193,7 +193,7 @@ class SPConv(nn.Module):
     ``int(inplanes * ratio)``; the split is computed with exact fractions, so ``alpha=1/3`` of 30
     channels is 10). ``split_ratio=1`` leaves no redundant part.
 
-    Representative part (Eq. 3), then BN:
+    Representative part (Eq. 3), then BN (the official code's, see the deviations):
 
     .. math:: U_3 = \mathrm{BN}(\mathrm{GWC}_{k\times k, g}(X_{rep}) + \mathrm{PWC}(X_{rep}))
 
@@ -224,6 +224,12 @@ class SPConv(nn.Module):
 
     Deliberate deviations from the paper / official code:
 
+    - The two BNs are the official code's, not the paper's: Eq. 2-6 have no normalisation
+      (U3 is Eq. 3's GWC + PWC, U1 the redundant PWC). The official ``SPConv_3x3`` normalises
+      both before the fusion (``bn1``, ``bn2``), and SPConv's Table 1 counts them: SPConv-
+      ResNet-20 at alpha = 1/4 has 71,002 parameters with them (paper 0.071M) and 68,314
+      without (0.068M). They add ``4*M`` parameters; the host block's BN after the module
+      stays, as in the official code.
     - Stride: the k x k conv carries the stride; the 1x1 paths see ``downsample(x, stride)``
       (average pooling, ceil mode) instead of the official ``AvgPool2d(2, 2)``, which floors and
       breaks on odd sizes. Stride 1 is unchanged.

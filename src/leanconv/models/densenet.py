@@ -100,7 +100,7 @@ class DenseNet(nn.Module):
         return self.linear(out)
 
 
-@register_model
+@register_model(input_size=32)
 def densenet121(*, conv: str = "vanilla", num_classes: int = 10, **kwargs) -> DenseNet:
     """CIFAR DenseNet-121 (growth 32): SCConv Tab. 2 (7.05M / 898M MACs)."""
     return DenseNet((6, 12, 24, 16), 32, 0.5, num_classes, conv=conv, **kwargs)

@@ -1,6 +1,7 @@
 """The model registry: ``create_model(name, conv=..., num_classes=..., **conv_hparams)``.
 
-Each architecture file decorates thin public builders with ``@register_model``. A builder has the
+Each architecture file decorates thin public builders with ``@register_model`` (or
+``@register_model(input_size=32)`` for a model built only for 32x32 inputs). A builder has the
 signature ``builder(*, conv="vanilla", num_classes=..., in_channels=3, **conv_hparams)`` and asks
 the layer registry (:func:`leanconv.layers.create_conv`) for every conv it places, following the
 placement rules of the paper that introduced ``conv`` (see docs/placement.md).
@@ -15,18 +16,45 @@ from torch import nn
 
 from ..layers import conv_hparams
 
-__all__ = ["available_models", "create_model", "register_model"]
+__all__ = ["available_models", "create_model", "default_input_size", "register_model"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+# name -> input height = width the model is built for, when not the ImageNet 224
+_INPUT_SIZES: dict[str, int] = {}
+_DEFAULT_INPUT_SIZE = 224
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a builder under its function name; a duplicate name is an error."""
-    name = fn.__name__
-    if name in _MODELS and _MODELS[name] is not fn:
-        raise ValueError(f"model {name!r} is already registered")
-    _MODELS[name] = fn
-    return fn
+def register_model(fn: Callable[..., nn.Module] | None = None, *,
+                   input_size: int = _DEFAULT_INPUT_SIZE):
+    """Register a builder under its function name; a duplicate name is an error.
+
+    ``input_size`` is the input height = width the model is meant for by default (what
+    :func:`default_input_size` returns): 32 for the CIFAR-only models, 224 (the default) for
+    models whose default build is ImageNet's. Use as ``@register_model`` or
+    ``@register_model(input_size=32)``.
+    """
+    if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 1:
+        raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
+
+    def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = builder.__name__
+        if name in _MODELS and _MODELS[name] is not builder:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = builder
+        if input_size != _DEFAULT_INPUT_SIZE:
+            _INPUT_SIZES[name] = input_size
+        return builder
+
+    return register if fn is None else register(fn)
+
+
+def default_input_size(name: str) -> int:
+    """The input height = width model ``name`` is built for by default: 32 for CIFAR-only
+    models (ResNet-20..110, VGG, DenseNet-121, ResNeXt-29, WRN-28-10), else 224."""
+    if name not in _MODELS:
+        raise ValueError(
+            f"unknown model {name!r}; available models: {', '.join(available_models())}")
+    return _INPUT_SIZES.get(name, _DEFAULT_INPUT_SIZE)
 
 
 def available_models(pattern: str = "*") -> list[str]:

@@ -97,31 +97,31 @@ def _cifar_resnet(depth: int, *, num_classes: int = 10, **kwargs) -> CifarResNet
     return CifarResNet(depth, num_classes=num_classes, **kwargs)
 
 
-@register_model
+@register_model(input_size=32)
 def resnet20(**kwargs) -> CifarResNet:
     """CIFAR ResNet-20: SPConv Tab. 1 and Tab. 4 (ablation)."""
     return _cifar_resnet(20, **kwargs)
 
 
-@register_model
+@register_model(input_size=32)
 def resnet32(**kwargs) -> CifarResNet:
     """CIFAR ResNet-32."""
     return _cifar_resnet(32, **kwargs)
 
 
-@register_model
+@register_model(input_size=32)
 def resnet44(**kwargs) -> CifarResNet:
     """CIFAR ResNet-44."""
     return _cifar_resnet(44, **kwargs)
 
 
-@register_model
+@register_model(input_size=32)
 def resnet56(**kwargs) -> CifarResNet:
     """CIFAR ResNet-56: SCConv Tab. 2."""
     return _cifar_resnet(56, **kwargs)
 
 
-@register_model
+@register_model(input_size=32)
 def resnet110(**kwargs) -> CifarResNet:
     """CIFAR ResNet-110."""
     return _cifar_resnet(110, **kwargs)

@@ -97,7 +97,7 @@ class CifarResNeXt(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-@register_model
+@register_model(input_size=32)
 def resnext29(*, num_classes: int = 10, **kwargs) -> CifarResNeXt:
     """ResNeXt-29, default 4x64d (``cardinality``, ``bottleneck_width``: 2x64d, 8x64d, 32x4d)."""
     return CifarResNeXt(29, num_classes=num_classes, **kwargs)

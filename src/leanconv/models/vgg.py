@@ -89,13 +89,13 @@ class VGG(nn.Module):
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
 
-@register_model
+@register_model(input_size=32)
 def vgg16(*, conv: str = "vanilla", num_classes: int = 10, **kwargs) -> VGG:
     """CIFAR VGG-16, 13 conv + 1 FC (CompConv Tab. 3: 14.7M / 314M MACs)."""
     return VGG(_CFG16, num_classes, conv=conv, head="linear", **kwargs)
 
 
-@register_model
+@register_model(input_size=32)
 def vgg15(*, conv: str = "vanilla", num_classes: int = 10, **kwargs) -> VGG:
     """CIFAR VGG, 13 conv + 2 FC with BN (SPConv Tab. 1's VGG-16; see the module docstring)."""
     kwargs.setdefault("head", "mlp")

@@ -100,7 +100,7 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-@register_model
+@register_model(input_size=32)
 def wrn28_10(*, num_classes: int = 10, **kwargs) -> WideResNet:
     """WRN-28-10: SCConv Tab. 2 (36.55M / 5.96G)."""
     return WideResNet(28, 10, num_classes=num_classes, **kwargs)
