@@ -107,8 +107,7 @@ def _synthetic_table(tmp_path, model="resnet20", batch=8, fast_at=64):
     key = P.machine_key("cpu", torch.get_num_threads(), batch)
     table = P.LatencyTable(key, tmp_path)
     for path in P.PATHS["inference"]:
-        table.entries[P._network_key("inference", path, model,
-                                     {"num_classes": 10, "in_channels": 3}, (3, 32, 32))] = {
+        table.entries[P._network_key("inference", path, vanilla, (3, 32, 32))] = {
             "median": 100.0 if path == "prepared" else 110.0, "iqr": 0.0, "n": 1}
         for shape in set(layers.values()):
             for conv, hp in P.candidates(shape, ["ghost", "spconv"]):
@@ -330,3 +329,13 @@ def test_plan_for_any_cnn_applies_with_convert_convs(tmp_path):
     assert converted(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     check = P.check_plan(plan, model=net, rounds=1, min_run_time=0.0, warmup=0)
     assert check["planned_best"] > 0
+
+
+def test_network_key_tells_two_models_of_one_class_apart():
+    a = leanconv.create_model("resnet20", num_classes=10)
+    b = leanconv.create_model("resnet32", num_classes=10)
+    c = leanconv.create_model("resnet20", num_classes=100)
+    keys = {P._network_key("inference", "eager", m, (3, 32, 32)) for m in (a, b, c)}
+    assert len(keys) == 3
+    assert P._network_key("inference", "eager", a, (3, 32, 32)) == P._network_key(
+        "inference", "eager", leanconv.create_model("resnet20", num_classes=10), (3, 32, 32))
