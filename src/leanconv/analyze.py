@@ -439,9 +439,13 @@ def _check_fits(runs: list[dict], data: str) -> None:
         if data != "imagefolder" and (info.num_classes, info.in_channels) != want:
             fits = [n for n, i in DATASETS.items() if (i.num_classes, i.in_channels) == want]
             raise AnalysisError(
-                f"--data {data} ({info.num_classes} classes, {info.in_channels} channels) does not "
-                f"fit checkpoint {run['path']} ({want[0]} classes, {want[1]} channels); allowed: "
+                f"--data {data} ({_shape(info.num_classes, info.in_channels)}) does not fit "
+                f"checkpoint {run['path']} ({_shape(*want)}); allowed: "
                 f"{', '.join(fits) or 'imagefolder'}")
+
+
+def _shape(classes: int, channels: int) -> str:
+    return f"{classes} classes, {channels} input channel{'s' if channels != 1 else ''}"
 
 
 def analyze_checkpoints(paths: Sequence[str | Path], what: str, *, out: str | Path,
