@@ -568,7 +568,7 @@ def _image(x: Tensor, info) -> Tensor:
     mean = torch.tensor(info.mean).view(-1, 1, 1)
     std = torch.tensor(info.std).view(-1, 1, 1)
     img = (x * std + mean).clamp(0, 1)
-    return img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
+    return (img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy()
 
 
 def _off(ax) -> None:
@@ -590,7 +590,7 @@ def _plot_gradcam(result: dict, x: Tensor, info, path: Path) -> Path:
             ax = axes[i][j]
             _off(ax)
             img = _image(x[j], info)
-            ax.imshow(img, cmap="gray" if img.dim() == 2 else None)
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
             if method is None:
                 ax.set_title(f"image {j}", fontsize=8)
                 continue
@@ -615,7 +615,7 @@ def _plot_gates(label: str, gates: dict, path: Path) -> Path:
         mean, std = torch.tensor(g["w_mean"]), torch.tensor(g["w_std"])
         for j, (m, s, title) in enumerate(((mean, std, "w"), (mean.flip(0), std.flip(0), "w~"))):
             ax = axes[i][j]
-            ch = torch.arange(len(m))
+            ch, m, s = list(range(len(m))), m.numpy(), s.numpy()
             ax.bar(ch, m, width=1.0, color="C0" if j == 0 else "C1")
             ax.errorbar(ch, m, yerr=s, fmt="none", ecolor="k", elinewidth=0.5)
             ax.set_ylim(0, 1.05)
@@ -625,7 +625,7 @@ def _plot_gates(label: str, gates: dict, path: Path) -> Path:
             if i == 0:
                 ax.set_title(f"{title} per channel (mean, bar = std over images)", fontsize=8)
     ax0, ax1 = axes[-1]
-    idx = torch.arange(len(names)).float()
+    idx = torch.arange(len(names)).float().numpy()
     ax0.bar(idx - 0.2, [gates[n]["near0"] for n in names], 0.4, label=f"w < {NEAR}")
     ax0.bar(idx + 0.2, [gates[n]["near1"] for n in names], 0.4, label=f"w > {1 - NEAR:.2f}")
     ax0.set_ylabel("fraction", fontsize=7)
@@ -663,7 +663,7 @@ def _grid(fig, maps: Tensor, cols: int, title: str):
     for k, ax in enumerate(a for row in axes for a in row):
         _off(ax)
         if k < len(maps):
-            ax.imshow(maps[k], cmap="viridis")
+            ax.imshow(maps[k].numpy(), cmap="viridis")
             ax.set_title(str(k), fontsize=6)
         else:
             ax.axis("off")
@@ -692,7 +692,7 @@ def _plot_sru(label: str, sru: dict, path: Path, limit: int = 8) -> Path:
         for j in range(cols):
             ax = axes[i][j]
             _off(ax)
-            ax.imshow(t[j], cmap=cmap, **({"vmin": lim[0], "vmax": lim[1]} if lim else {}))
+            ax.imshow(t[j].numpy(), cmap=cmap, **({"vmin": lim[0], "vmax": lim[1]} if lim else {}))
             if i == 0:
                 ax.set_title(f"ch {j}", fontsize=7)
         axes[i][0].set_ylabel(name, fontsize=7)
