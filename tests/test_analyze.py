@@ -73,6 +73,9 @@ def test_independent_channels_need_all_components():
     x = torch.randn(64, 4, 16, 16, generator=g)
     assert channel_correlation(x).mean() < 0.1
     assert pca_fraction(torch.cov(x.transpose(0, 1).flatten(1)))[0] == 4
+    # Standardised PCA: one loud channel does not make the other three look redundant.
+    x[:, 0] *= 1000
+    assert pca_fraction(torch.cov(x.transpose(0, 1).flatten(1))) == (4, 1.0)
 
 
 def test_block_redundancy_through_hooks():
@@ -173,6 +176,15 @@ def test_blocks_and_layer_errors():
     with pytest.raises(AnalysisError, match=r"unknown layer 'layer4'; allowed: layer1\.0, "):
         resolve_layer(model, "layer4")
 
+
+
+def test_blocks_of_a_converted_torchvision_model():
+    torchvision = pytest.importorskip("torchvision")
+    model = leanconv.convert_convs(torchvision.models.resnet18(num_classes=10), "spconv")
+    blocks = [f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)]
+    assert find_blocks(model) == blocks
+    res = block_entropy(model, torch.randn(2, 3, 64, 64))
+    assert list(res) == blocks and all(0 < r["mean"] <= 5 for r in res.values())
 
 # ----------------------------------------------------------------------------------------------
 # End to end: checkpoints from a few training steps, the CLI, one-line errors

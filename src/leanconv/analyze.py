@@ -22,21 +22,24 @@ writes ``WHAT.json`` (the numbers) and one PNG per picture to ``out``.
 ``redundancy``  Per block: the mean absolute Pearson correlation between the channel maps of one
                 image (off-diagonal pairs, channels with a constant map left out, averaged over
                 images), and the fraction of channels whose principal components hold 95 % of
-                the variance (PCA over all positions of all images). "Reduced feature
+                the variance (PCA of the channels standardised, over all positions of all
+                images; the same scale-free view as the correlation). "Reduced feature
                 redundancy" is the claim of all four papers (SPConv Sec. 1, SCConv Sec. 1,
                 SlimConv Sec. 1, CompConv Sec. 1).
 ==============  ====================================================================================
 
-Blocks are the model's residual units (``BasicBlock``, ``Bottleneck``, ``ResNeXtBlock``,
-``WideBasic``, the two ``InvertedResidual``, ``DenseLayer``); a model without them (a converted
-torchvision model keeps its own block classes, a plain ``nn.Sequential``) uses its outermost
-conv layers instead. Everything reads the model through forward hooks; no model is modified.
+Blocks are the model's residual units: the zoo's ``BasicBlock``, ``Bottleneck``, ``ResNeXtBlock``,
+``WideBasic``, the two ``InvertedResidual`` and ``DenseLayer``, and any class of those names (the
+blocks of a torchvision model converted with :func:`leanconv.convert_convs`); a model without
+them (a plain ``nn.Sequential``) uses its outermost conv layers instead. Everything reads the
+model through forward hooks; no model is modified.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -95,17 +98,22 @@ def _block_classes() -> tuple[type, ...]:
             ShuffleInvertedResidual, DenseLayer)
 
 
-def _outermost(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
+# Block classes of other libraries, recognised by name (a converted torchvision/timm model).
+_BLOCK_NAMES = ("BasicBlock", "Bottleneck", "InvertedResidual", "_DenseLayer", "DenseLayer")
+
+
+def _outermost(model: nn.Module, kinds: tuple[type, ...], names_too: bool = False) -> list[str]:
     names: list[str] = []
     for name, module in model.named_modules():
-        if name and isinstance(module, kinds) and not any(name.startswith(n + ".") for n in names):
+        hit = isinstance(module, kinds) or (names_too and type(module).__name__ in _BLOCK_NAMES)
+        if name and hit and not any(name.startswith(n + ".") for n in names):
             names.append(name)
     return names
 
 
 def find_blocks(model: nn.Module) -> list[str]:
     """Qualified names of the model's blocks in forward order (see the module docstring)."""
-    blocks = _outermost(model, _block_classes())
+    blocks = _outermost(model, _block_classes(), names_too=True)
     if blocks:
         return blocks
     convs = (*(conv_class(c) for c in available_convs()), nn.Conv2d)
@@ -203,15 +211,23 @@ class _Covariance:
 
 
 def pca_fraction(cov: Tensor, level: float = VARIANCE) -> tuple[int, float]:
-    """``(k, k / C)``: the fewest principal components of the (C, C) covariance ``cov`` that
-    explain ``level`` of its variance (k = 0 when there is no variance at all)."""
-    eig = torch.linalg.eigvalsh(cov.double()).flip(0).clamp_min(0)
-    total = eig.sum()
-    if total <= 0:
+    """``(k, k / C)``: the fewest principal components that explain ``level`` of the variance of
+    the C channels with covariance ``cov`` (C, C), after standardising each channel.
+
+    PCA runs on the correlation matrix, so a few high-variance channels cannot dominate (the same
+    scale-free view as :func:`channel_correlation`); constant channels explain nothing and count
+    in C only. k = 0 when every channel is constant.
+    """
+    cov = cov.double()
+    std = cov.diagonal().clamp_min(0).sqrt()
+    live = std > 1e-9 * std.max().clamp_min(1e-300)
+    if not live.any():
         return 0, 0.0
-    k = int(torch.searchsorted(eig.cumsum(0) / total, torch.tensor(level, dtype=eig.dtype))) + 1
-    k = min(k, len(eig))
-    return k, k / len(eig)
+    corr = cov[live][:, live] / torch.outer(std[live], std[live])
+    eig = torch.linalg.eigvalsh(corr).flip(0).clamp_min(0)
+    k = int(torch.searchsorted(eig.cumsum(0) / eig.sum(), torch.tensor(level, dtype=eig.dtype)))
+    k = min(k + 1, len(eig))
+    return k, k / len(cov)
 
 
 def _per_block(model: nn.Module, images: Tensor, blocks: Sequence[str] | None):
@@ -259,7 +275,9 @@ def block_redundancy(model: nn.Module, images: Tensor, blocks: Sequence[str] | N
     for name, parts in corr.items():
         c = torch.cat(parts)
         k, frac = pca_fraction(cov[name].matrix(), level)
-        result[name] = {"mean_abs_corr": float(c.nanmean()), "channels": int(cov[name].s.numel()),
+        mean = float(c.nanmean())  # NaN (JSON null) when no image has two non-constant maps
+        result[name] = {"mean_abs_corr": mean if math.isfinite(mean) else None,
+                        "channels": int(cov[name].s.numel()),
                         "pca_channels": k, "pca_fraction": frac}
     return result
 
@@ -477,7 +495,6 @@ def analyze_checkpoints(paths: Sequence[str | Path], what: str, *, out: str | Pa
     info, x, y = _test_images(data, data_dir, max(1, count))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
     result: dict = {
         "what": what, "data": data, "images": len(x),
         "checkpoints": [{"path": r["path"], "label": r["label"], "model": r["ckpt"]["model"],
@@ -514,7 +531,8 @@ def analyze_checkpoints(paths: Sequence[str | Path], what: str, *, out: str | Pa
             result["results"][run["label"]] = block_redundancy(run["model"], x)
         result["pictures"].append(_plot_per_block(
             result, [("mean_abs_corr", "mean |correlation| between channels"),
-                     ("pca_fraction", f"channels for {100 * VARIANCE:.0f} % variance (PCA)")],
+                     ("pca_fraction",
+                      f"channel fraction for {100 * VARIANCE:.0f} % of the variance (PCA)")],
             out / "redundancy.png"))
     else:  # features
         for run in runs:
