@@ -440,12 +440,18 @@ def _add_analyze(sub) -> None:
                    help="test images drawn by gradcam (features draws the first) (default: 4)")
     p.add_argument("--samples", type=int, default=256,
                    help="test images behind gates, entropy and redundancy (default: 256)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default: torch's; 1 is faster on a busy machine)")
 
     def run(args):
+        import torch
+
         from .analyze import AnalysisError, analyze_checkpoints
         from .checkpoint import CheckpointError
         from .data import DataError
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
         try:
             result = analyze_checkpoints(
                 args.checkpoints, args.what, out=args.out, data=args.data,
