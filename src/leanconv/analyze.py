@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -510,7 +511,7 @@ def analyze_checkpoints(paths: Sequence[str | Path], what: str, *, out: str | Pa
             cams = cam_maps(run["model"], x, y, lay)
             result["results"][run["label"]] = {
                 "layer": lay, "labels": y.tolist(), "predicted": pred.tolist(),
-                "cams": {m: [[[round(float(v), 3) for v in row] for row in c] for c in a]
+                "cams": {m: [[[round(float(v), 2) for v in row] for row in c] for c in a]
                          for m, a in cams.items()}}
         result["pictures"].append(_plot_gradcam(result, x, info, out / "gradcam.png"))
     elif what == "gates":
@@ -554,9 +555,17 @@ def analyze_checkpoints(paths: Sequence[str | Path], what: str, *, out: str | Pa
                 result["pictures"].append(_plot_sru(run["label"], sru, out / f"sru-{name}.png"))
             result["results"][run["label"]] = entry
     result["pictures"] = [str(p) for p in result["pictures"]]
-    with open(out / f"{what}.json", "w") as f:
-        json.dump(result, f, indent=1, allow_nan=True)
+    (out / f"{what}.json").write_text(_dumps(result))
     return result
+
+
+_NUMBERS = re.compile(r"\[\s*((?:-?[\d.eE+-]+|null)(?:,\s*(?:-?[\d.eE+-]+|null))*)\s*\]")
+
+
+def _dumps(obj) -> str:
+    """Indented JSON with every list of numbers on one line (a CAM row, a channel vector)."""
+    text = json.dumps(obj, indent=1)
+    return _NUMBERS.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
 
 
 def _slug(label: str) -> str:
