@@ -251,6 +251,9 @@ def test_cli_writes_png_and_json(checkpoints, tmp_path, capsys, what):
     (["--what", "pictures"], "unknown analysis 'pictures'; allowed: gradcam, gates, entropy, "
                              "features, redundancy"),
     (["--what", "entropy", "--data", "mnist"], "unknown dataset 'mnist'; available datasets: "),
+    (["--what", "gradcam", "--layer", "fc"], "layer 'fc' does not output feature maps (N, C, H, "
+                                             "W) in the forward pass; allowed: layer1.0, "),
+    (["missing.pt", "--what", "entropy"], "checkpoint missing.pt does not exist"),
 ])
 def test_cli_errors_are_one_line(checkpoints, tmp_path, capsys, args, message):
     v = checkpoints["vanilla"]

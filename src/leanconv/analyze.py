@@ -142,6 +142,9 @@ def _capture(model: nn.Module, names: Sequence[str], keep_input: bool = False):
 
     def hook(name):
         def fn(module, inputs, output):
+            if not isinstance(output, Tensor):  # e.g. a tuple: not feature maps
+                store[name] = None
+                return
             out = output.detach().clone()  # a later in-place op must not change what we saw
             store[name] = (inputs[0].detach().clone(), out) if keep_input else out
         return fn
@@ -332,9 +335,11 @@ def feature_maps(model: nn.Module, image: Tensor, layer: str) -> Tensor:
             model(image.unsqueeze(0))
     finally:
         model.train(was_training)
-    out = store[layer]
-    if not isinstance(out, Tensor) or out.dim() != 4:
-        raise AnalysisError(f"layer {layer!r} does not output feature maps (N, C, H, W)")
+    out = store.get(layer)
+    if out is None or out.dim() != 4:
+        raise AnalysisError(f"layer {layer!r} does not output feature maps (N, C, H, W) in the "
+                            f"forward pass; allowed: {', '.join(find_blocks(model))} (or another "
+                            f"module with such an output)")
     return out[0]
 
 
@@ -399,6 +404,7 @@ def cam_maps(model: nn.Module, images: Tensor, labels: Tensor | None = None,
         raise AnalysisError(f"unknown CAM method {unknown[0]!r}; allowed: "
                             f"{', '.join(CAM_METHODS)}")
     layer = resolve_layer(model, layer, "last")
+    feature_maps(model, images[0], layer)  # a layer without (N, C, H, W) output: AnalysisError
     targets = None if labels is None else [ClassifierOutputTarget(int(c)) for c in labels]
     was_training = model.training
     model.eval()
