@@ -113,7 +113,8 @@ def _outermost(model: nn.Module, kinds: tuple[type, ...], names_too: bool = Fals
 
 
 def find_blocks(model: nn.Module) -> list[str]:
-    """Qualified names of the model's blocks in forward order (see the module docstring)."""
+    """Qualified names of the model's blocks in registration order (the forward order of the
+    zoo's models); see the module docstring."""
     blocks = _outermost(model, _block_classes(), names_too=True)
     if blocks:
         return blocks
