@@ -76,7 +76,7 @@ CAM_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus"}  # pytorch_
 NEAR = 0.05  # a gate weight is "near 0" below NEAR, "near 1" above 1 - NEAR
 BINS = 32  # entropy histogram bins per feature map
 VARIANCE = 0.95  # PCA: explained-variance level of the redundancy measure
-_BATCH = 128  # images per forward when collecting statistics
+_PIXELS = 128 * 32 * 32  # image pixels per forward when collecting statistics (128 at 32x32)
 
 
 class AnalysisError(ValueError):
@@ -158,7 +158,10 @@ def _capture(model: nn.Module, names: Sequence[str], keep_input: bool = False):
             h.remove()
 
 
-def _batches(images: Tensor, size: int = _BATCH) -> Iterator[Tensor]:
+def _batches(images: Tensor) -> Iterator[Tensor]:
+    """Slices of ``images`` small enough that every block's output stays in memory (hooks keep a
+    copy of each): 128 images at 32x32, 2 at 224x224."""
+    size = max(1, _PIXELS // (images.shape[-2] * images.shape[-1]))
     for start in range(0, len(images), size):
         yield images[start:start + size]
 
@@ -186,6 +189,9 @@ def channel_correlation(x: Tensor) -> Tensor:
     """Mean absolute Pearson correlation between the channel maps of each image: (N, C, H, W) ->
     (N,). Pairs with a constant map (zero variance, e.g. a dead ReLU channel) are left out; an
     image with fewer than two non-constant maps gives NaN."""
+    step = max(1, 2**24 // x.shape[1] ** 2)  # images per (n, C, C) matrix: <= 128 MiB
+    if len(x) > step:
+        return torch.cat([channel_correlation(part) for part in x.split(step)])
     f = x.detach().flatten(2).double()
     f = f - f.mean(2, keepdim=True)
     norm = f.norm(dim=2)  # (N, C)
