@@ -242,7 +242,7 @@ def test_cli_writes_png_and_json(checkpoints, tmp_path, capsys, what):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--what", "gates"], "needs SlimConv modules; checkpoint {v} has conv 'vanilla' and none; "
+    (["--what", "gates"], "needs SlimConv modules; checkpoint {v} (conv 'vanilla') has none; "
                           "allowed: checkpoints with conv slimconv"),
     (["--what", "features", "--layer", "layer9"], "unknown layer 'layer9'; allowed: layer1.0, "),
     (["--what", "entropy", "--data", "fashion-mnist"],

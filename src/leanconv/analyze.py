@@ -500,8 +500,8 @@ def analyze_checkpoints(paths: Sequence[str | Path], what: str, *, out: str | Pa
         for run in runs:
             if not any(isinstance(m, SlimConv) for m in run["model"].modules()):
                 raise AnalysisError(
-                    f"--what gates needs SlimConv modules; checkpoint {run['path']} has conv "
-                    f"{run['ckpt']['conv']!r} and none; allowed: checkpoints with conv slimconv")
+                    f"--what gates needs SlimConv modules; checkpoint {run['path']} (conv "
+                    f"{run['ckpt']['conv']!r}) has none; allowed: checkpoints with conv slimconv")
     if layer is not None:
         for run in runs:
             resolve_layer(run["model"], layer)
