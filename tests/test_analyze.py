@@ -261,5 +261,5 @@ def test_cli_errors_are_one_line(checkpoints, tmp_path, capsys, args, message):
         main(["analyze", v, *args, "--out", str(tmp_path)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert len(err.strip().splitlines()) == 1 and err.startswith("leanconv analyze: error: ")
     assert message.format(v=v) in err

@@ -624,8 +624,54 @@ def _add_plan(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_analyze(sub) -> None:
+    from .analyze import WHATS
+
+    p = sub.add_parser(
+        "analyze", help="the papers' analysis pictures (Grad-CAM, SlimConv gates, entropy, "
+        "feature maps, redundancy) from checkpoints",
+        description="Run one analysis on one or more checkpoints side by side and write "
+        "WHAT.json (the numbers) and one PNG per picture to --out (docs/analysis.md).")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="leanconv checkpoints (.pt)")
+    p.add_argument("--what", required=True, metavar="WHAT", help=" | ".join(WHATS))
+    p.add_argument("--data", default=None,
+                   help="dataset of the test images (default: the first checkpoint's)")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    p.add_argument("--out", default="runs/analyze", help="output folder (default: runs/analyze)")
+    p.add_argument("--layer", default=None,
+                   help="module name for gradcam (default: last block) and features (default: "
+                   "first block)")
+    p.add_argument("--images", type=_positive_int, default=4,
+                   help="test images drawn by gradcam (features draws the first) (default: 4)")
+    p.add_argument("--samples", type=_positive_int, default=256,
+                   help="test images behind gates, entropy and redundancy (default: 256)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="intra-op threads (default: torch's; 1 is faster on a busy machine)")
+
+    def run(args):
+        import torch
+
+        from .analyze import analyze_checkpoints
+        from .checkpoint import CheckpointError
+        from .data import DataError
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        try:
+            result = analyze_checkpoints(
+                args.checkpoints, args.what, out=args.out, data=args.data,
+                data_dir=args.data_dir, images=args.images, samples=args.samples,
+                layer=args.layer)
+        except (CheckpointError, DataError) as e:  # an unreadable checkpoint, a bad --data
+            raise ValueError(str(e)) from None  # AnalysisError is one already: main() prints it
+        for path in [*result["pictures"], f"{args.out}/{args.what}.json"]:
+            print(path)
+
+    p.set_defaults(func=run)
+
+
 _SUBCOMMANDS = [_add_convs, _add_profile, _add_tables, _add_bench, _add_plan, _add_train,
-                _add_eval, _add_compare]
+                _add_eval, _add_compare, _add_analyze]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -645,56 +691,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{prog}: error: {message} (see {prog} --help)\n")
     return int(result or 0)
 
-
-def _add_analyze(sub) -> None:
-    from .analyze import WHATS
-
-    p = sub.add_parser(
-        "analyze", help="the papers' analysis pictures (Grad-CAM, SlimConv gates, entropy, "
-        "feature maps, redundancy) from checkpoints",
-        description="Run one analysis on one or more checkpoints side by side and write "
-        "WHAT.json (the numbers) and one PNG per picture to --out (docs/analysis.md).")
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="leanconv checkpoints (.pt)")
-    p.add_argument("--what", required=True, metavar="WHAT", help=" | ".join(WHATS))
-    p.add_argument("--data", default=None,
-                   help="dataset of the test images (default: the first checkpoint's)")
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
-    p.add_argument("--out", default="runs/analyze", help="output folder (default: runs/analyze)")
-    p.add_argument("--layer", default=None,
-                   help="module name for gradcam (default: last block) and features (default: "
-                   "first block)")
-    p.add_argument("--images", type=int, default=4,
-                   help="test images drawn by gradcam (features draws the first) (default: 4)")
-    p.add_argument("--samples", type=int, default=256,
-                   help="test images behind gates, entropy and redundancy (default: 256)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads (default: torch's; 1 is faster on a busy machine)")
-
-    def run(args):
-        import torch
-
-        from .analyze import AnalysisError, analyze_checkpoints
-        from .checkpoint import CheckpointError
-        from .data import DataError
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        try:
-            result = analyze_checkpoints(
-                args.checkpoints, args.what, out=args.out, data=args.data,
-                data_dir=args.data_dir, images=args.images, samples=args.samples,
-                layer=args.layer)
-        except (AnalysisError, CheckpointError, DataError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        for path in [*result["pictures"], f"{args.out}/{args.what}.json"]:
-            print(path)
-
-    p.set_defaults(func=run)
-
-
-
-_SUBCOMMANDS.append(_add_analyze)  # issue 13, kept apart from the list above
 
 if __name__ == "__main__":
     sys.exit(main())
