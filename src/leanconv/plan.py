@@ -828,7 +828,13 @@ def check_plan(plan: Plan, *, rounds: int = 3, min_run_time: float = 0.5, warmup
         "planned_best": planned,
         "speedup": van / planned,
         "planned_on_path": own,
+        "vanilla_on_path": measured[f"vanilla|{plan.path}"],
+        # predicted / measured time of the planned network on the plan's path
         "prediction_error": plan.totals["predicted_time"] / own - 1.0,
+        # the same with both times taken relative to vanilla's (the plan's measurement of
+        # vanilla, and this run's): machine drift between planning and checking cancels
+        "relative_prediction_error": (plan.totals["predicted_time"] / plan.totals["vanilla_time"])
+        / (own / measured[f"vanilla|{plan.path}"]) - 1.0,
         "capability": torch.backends.cpu.get_cpu_capability(),
         "threads": threads,
         "rounds": rounds,
@@ -879,6 +885,9 @@ def format_plan(plan: Plan) -> str:
         lines += [
             f"measured whole ({c['capability']}, {c['threads']} threads): {meas}",
             f"best planned vs best vanilla: {c['speedup']:.2f}x vanilla's speed; prediction "
-            f"error on path {plan.path}: {c['prediction_error']:+.1%}",
+            f"error on path {plan.path}: {c['prediction_error']:+.1%} in time, "
+            f"{c.get('relative_prediction_error', float('nan')):+.1%} relative to vanilla "
+            f"(vanilla measured {c.get('vanilla_on_path', float('nan')) * unit:.2f} ms here, "
+            f"{t['vanilla_time'] * unit:.2f} ms when planning)",
         ]
     return "\n".join(lines)
