@@ -9,9 +9,9 @@ import torch.nn.functional as F
 import leanconv
 
 pytest.importorskip("torchvision")
-from leanconv.detection import fasterrcnn, retinanet  # noqa: E402
-from leanconv.layers.ghost import GhostConv  # noqa: E402
-from leanconv.segmentation import check_dilation, deeplabv3  # noqa: E402
+from leanconv.detection import fasterrcnn, retinanet
+from leanconv.layers.ghost import GhostConv
+from leanconv.segmentation import check_dilation, deeplabv3
 
 SIZE = 64  # images and the detectors' resize target: tiny, so a step takes about a second
 DETECTOR = dict(min_size=SIZE, max_size=SIZE)
