@@ -19,6 +19,7 @@ Latencies are only meaningful when nothing else runs on the cores (the load aver
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 import leanconv
-from leanconv.export import export_model
+from leanconv.export import export_model, load_runtime
 from leanconv.tables import build_model, parse_input
 
 
@@ -54,10 +55,21 @@ def measure(model_name: str, conv: str, input: str, threads: int, min_run_time: 
         report = export_model(model, torch.randn(1, 3, h, w), format="onnx",
                               out=Path(tmp) / "m.onnx", batches=(1, 2), latency_batches=(1,),
                               threads=threads, min_run_time=min_run_time)
+        # The float rounding floor: PyTorch fp32 and ONNX Runtime against PyTorch in float64,
+        # on export_model's "random b2" batch.
+        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            ref64 = copy.deepcopy(model).double().eval()(x.double())
+            ref32 = model.eval()(x)
+        (ort,) = load_runtime(Path(tmp) / "m.onnx", "onnx")(x)
+    scale = ref64.abs().max().item()
+    fp64 = {"torch_fp32_vs_fp64": (ref32.double() - ref64).abs().max().item() / scale,
+            "ort_vs_fp64": (ort.double() - ref64).abs().max().item() / scale}
     t_torch, t_ort = report.latency[1]
     return {"model": name, "input": f"{h}x{w}", "conv": conv,
             "max_abs": report.max_abs, "max_rel": report.max_rel,
-            "parity": [vars(p) for p in report.parity], "size_mb": report.size_bytes / 1e6,
+            **fp64, "parity": [vars(p) for p in report.parity],
+            "size_mb": report.size_bytes / 1e6,
             "torch_ms": 1e3 * t_torch, "ort_ms": 1e3 * t_ort, "threads": threads,
             "load": os.getloadavg(), "torch": torch.__version__}
 
@@ -71,12 +83,16 @@ def markdown(entries: list[dict]) -> str:
              "batch dimension); PyTorch = the model in eval mode with its BNs (randomised "
              "statistics) unfolded; ONNX Runtime CPU provider. Latency: batch 1, median per "
              "call, PyTorch eager on the prepared model vs ONNX Runtime, same thread count.", "",
-             "| model | input | conv | max abs diff | max rel diff | file MB | PyTorch b1 ms | "
-             "ORT b1 ms | ORT / PyTorch | threads | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "The two fp64 columns give the rounding floor: the relative difference of PyTorch "
+             "fp32 and of ONNX Runtime to PyTorch in float64 on the batch-2 input.", "",
+             "| model | input | conv | max abs diff | max rel diff | PyTorch fp32 vs fp64 | "
+             "ORT vs fp64 | file MB | PyTorch b1 ms | ORT b1 ms | ORT / PyTorch | threads | "
+             "load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         lines.append(f"| {e['model']} | {e['input']} | {e['conv']} | {e['max_abs']:.2e} | "
-                     f"{e['max_rel']:.2e} | {e['size_mb']:.1f} | {e['torch_ms']:.2f} | "
+                     f"{e['max_rel']:.2e} | {e['torch_fp32_vs_fp64']:.1e} | "
+                     f"{e['ort_vs_fp64']:.1e} | {e['size_mb']:.1f} | {e['torch_ms']:.2f} | "
                      f"{e['ort_ms']:.2f} | {e['ort_ms'] / e['torch_ms']:.2f}x | {e['threads']} | "
                      f"{e['load'][0]:.1f} |")
     return "\n".join(lines) + "\n"
@@ -92,6 +108,7 @@ def main() -> None:
     p.add_argument("--json", default="benchmarks/results/export.json")
     p.add_argument("--markdown", default=None, help="render --json to this file and stop")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)  # the export and fp64 forwards too: a quiet neighbour
     path = Path(args.json)
     entries = json.loads(path.read_text()) if path.exists() else []
     if args.markdown:
@@ -107,8 +124,9 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(entries, indent=1))
         print(f"{entry['model']} {conv}: max abs {entry['max_abs']:.3g} max rel "
-              f"{entry['max_rel']:.3g}; b1 PyTorch {entry['torch_ms']:.2f} ms, ONNX Runtime "
-              f"{entry['ort_ms']:.2f} ms", flush=True)
+              f"{entry['max_rel']:.3g} (fp32 vs fp64 {entry['torch_fp32_vs_fp64']:.2g}, ORT vs "
+              f"fp64 {entry['ort_vs_fp64']:.2g}); b1 PyTorch {entry['torch_ms']:.2f} ms, "
+              f"ONNX Runtime {entry['ort_ms']:.2f} ms", flush=True)
 
 
 if __name__ == "__main__":
