@@ -48,6 +48,7 @@ __all__ = [
     "ExportError",
     "ExportReport",
     "ParityResult",
+    "Source",
     "check_parity",
     "export_model",
     "load_runtime",
@@ -472,7 +473,8 @@ def load_source(source: str, *, conv: str | None = None, input: str | None = Non
                                           ("--in-channels", in_channels)) if value is not None]
         given += ["--" + k.replace("_", "-") for k in (hparams or {})]
         if given:
-            raise ValueError(f"{', '.join(given)} apply to model names only; checkpoint "
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ValueError(f"{', '.join(given)} {verb} to model names only; checkpoint "
                              f"{path} describes its own model")
         try:
             ckpt = load_checkpoint(path)
