@@ -4,10 +4,10 @@ For each conv type, the model (untrained, BN statistics and affine parameters ra
 that BN folding is really exercised) is exported with :func:`leanconv.export.export_model`
 (prepared for inference, dynamic batch, ONNX with the exporter's optimiser on) and checked in
 ONNX Runtime against PyTorch eval mode on random inputs at batch 1 and 2. Latency is the median
-per forward call at batch 1, PyTorch eager on the prepared model (NCHW, as exported) beside ONNX
-Runtime, both with ``--threads`` intra-op threads. Results are appended to a JSON file (one
-entry per model and conv, re-running replaces the entry), so a long sweep can be run a few convs
-at a time; ``--markdown`` renders the file.
+per forward call at batch 1, PyTorch eager on ``prepare_for_inference(model)`` (channels_last,
+leanconv's inference path) beside ONNX Runtime, both with ``--threads`` intra-op threads.
+Results are appended to a JSON file (one entry per model and conv, re-running replaces the
+entry), so a long sweep can be run a few convs at a time; ``--markdown`` renders the file.
 
     python benchmarks/export.py --model resnet20 --input 32
     python benchmarks/export.py --model resnet50 --input 224 --convs vanilla,spconv
@@ -82,7 +82,8 @@ def markdown(entries: list[dict]) -> str:
              "Random inputs at batch 1 and 2 (the export is traced at batch 2 with a dynamic "
              "batch dimension); PyTorch = the model in eval mode with its BNs (randomised "
              "statistics) unfolded; ONNX Runtime CPU provider. Latency: batch 1, median per "
-             "call, PyTorch eager on the prepared model vs ONNX Runtime, same thread count.", "",
+             "call, PyTorch eager on `prepare_for_inference(model)` (channels_last) vs ONNX "
+             "Runtime, same thread count.", "",
              "The two fp64 columns give the rounding floor: the relative difference of PyTorch "
              "fp32 and of ONNX Runtime to PyTorch in float64 on the batch-2 input.", "",
              "| model | input | conv | max abs diff | max rel diff | PyTorch fp32 vs fp64 | "
