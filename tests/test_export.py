@@ -8,7 +8,7 @@ import leanconv
 from helpers import randomize_bns
 from leanconv.checkpoint import save_checkpoint
 from leanconv.cli import main
-from leanconv.export import ExportError, export_model, load_runtime
+from leanconv.export import ExportError, export_model, load_runtime, rounding_floor
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -126,3 +126,17 @@ def test_cli_bad_arguments_are_one_line_exit_2(argv, match, tmp_path, capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2
     assert len(err.strip().splitlines()) == 1 and match in err
+
+
+def test_cli_parity_failure_exits_1_and_shows_the_rounding_floor(tmp_path, capsys):
+    rc = main(["export", "resnet20", "--input", "32", "--out", str(tmp_path / "m.onnx"),
+               "--no-latency", "--tolerance", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "parity FAILED: max relative difference" in err
+    assert "PyTorch's own float32 output differs from float64 by" in err
+
+
+def test_rounding_floor_of_a_continuous_network_is_tiny():
+    model = resnet20("spconv")
+    floor = rounding_floor(model, torch.randn(2, 3, 32, 32))
+    assert 0 < floor < 1e-5 and model.training  # mode restored

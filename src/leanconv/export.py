@@ -53,6 +53,7 @@ __all__ = [
     "export_model",
     "load_runtime",
     "load_source",
+    "rounding_floor",
 ]
 
 FORMATS = ("onnx", "exported-program")
@@ -303,6 +304,31 @@ def check_parity(model: nn.Module, runtime: Callable[[torch.Tensor], list[torch.
                 scale = max(scale, r.float().abs().max().item())
         results.append(ParityResult(name, x.shape[0], diff, diff / scale if scale else diff))
     return results
+
+
+def rounding_floor(model: nn.Module, x: torch.Tensor) -> float:
+    """How far PyTorch's own float32 output is from float64 on ``x``, relative to the largest
+    ``|output|``: the parity no runtime can be expected to beat.
+
+    For most networks it is about 1e-7 to 1e-6. Discontinuous modules raise it: SRU's threshold
+    gate (SCConv Eq. 3) flips for elements within rounding of the threshold, and at ResNet-50
+    scale that moves the logits by about 1e-2 (docs/deployment.md).
+    """
+    import copy
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out32 = [t for t in tree_leaves(model(x)) if isinstance(t, torch.Tensor)]
+            out64 = [t for t in tree_leaves(copy.deepcopy(model).double()(x.double()))
+                     if isinstance(t, torch.Tensor)]
+    finally:
+        model.train(was_training)
+    diff = max((float((a.double() - b).abs().max()) for a, b in zip(out32, out64, strict=True)
+                if a.numel()), default=0.0)
+    scale = max((float(b.abs().max()) for b in out64 if b.numel()), default=0.0)
+    return diff / scale if scale else diff
 
 
 def _latency(model: nn.Module, runtime, x: torch.Tensor, threads: int,
