@@ -217,7 +217,8 @@ def export_model(
             except Exception as exc:
                 raise _diagnose_onnx(ep, deployed, x, exc, opset) from None
         else:
-            torch.export.save(ep, str(out))
+            with _quiet():
+                torch.export.save(ep, str(out))
         report = ExportReport(format, out, out.stat().st_size, tuple(x.shape[1:]),
                               "ONNX Runtime" if format == "onnx" else "ExportedProgram",
                               threads=threads)
