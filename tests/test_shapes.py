@@ -53,3 +53,18 @@ def test_ap50_and_miou_values():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ShapesDataset(**kwargs)
+
+
+@pytest.mark.parametrize("model", ["deeplabv3", "retinanet"])
+def test_example_script_trains_and_scores(model, monkeypatch, capsys):
+    pytest.importorskip("torchvision")
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "detection.py"
+    monkeypatch.setattr("sys.argv", [str(script), "--model", model, "--conv", "ghost",
+                                     "--steps", "2", "--size", "32", "--train-images", "8",
+                                     "--test-images", "4", "--batch-size", "4"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "step 2/2" in out and ("test mIoU" in out or "test box AP50" in out)
