@@ -670,8 +670,75 @@ def _add_analyze(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_export(sub) -> None:
+    from .export import FORMATS
+
+    p = sub.add_parser(
+        "export", help="export a checkpoint or zoo model to ONNX / an ExportedProgram, checked",
+        description="Prepare the model for inference (BN folded), export it with a dynamic batch "
+        "dimension and check it against PyTorch on random inputs (and the checkpoint's test "
+        "images when its dataset is here): max absolute / relative difference, and latency of "
+        "ONNX Runtime (or the ExportedProgram) beside PyTorch's. Exit 1 if the difference "
+        "exceeds --tolerance, 2 for a bad argument or a model that cannot export.")
+    p.add_argument("source", metavar="CKPT_OR_MODEL",
+                   help="a leanconv training checkpoint (last.pt / best.pt) or a model name")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="(default: onnx)")
+    p.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
+    add_conv_arguments(p)
+    p.set_defaults(conv=None)  # None: not given (a checkpoint names its own conv)
+    p.add_argument("--input", default=None, metavar="SIZE",
+                   help="model names only: input size, 224, 32 or 'cifar 32x32' (default: 224)")
+    p.add_argument("--classes", type=_positive_int, default=None,
+                   help="model names only: classifier width")
+    p.add_argument("--in-channels", type=_positive_int, default=None,
+                   help="model names only (default 3)")
+    p.add_argument("--opset", type=_positive_int, default=None,
+                   help="ONNX opset (default: the exporter's)")
+    p.add_argument("--batch", type=_int_list, default=[1], metavar="B[,B...]",
+                   help="latency batch sizes (default: 1)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads (default: 1)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--tolerance", type=_positive_float, default=1e-4,
+                   help="largest accepted relative difference (default: 1e-4)")
+
+    def run(args):
+        from .export import ExportError, export_model, load_source
+
+        hparams = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_") and v is not None}
+        try:  # a bad argument or a model that cannot export: main() prints one line, exit 2
+            if args.conv is not None:
+                hparams = hparams_from_args(args, args.conv)
+            src = load_source(args.source, conv=args.conv, input=args.input,
+                              num_classes=args.classes, in_channels=args.in_channels,
+                              hparams=hparams)
+            print(f"exporting {src.label}" + (f"; {src.note}" if src.note else ""))
+            report = export_model(src.model, src.example_input, format=args.format, out=args.out,
+                                  opset=args.opset, real_inputs=src.real_inputs,
+                                  latency_batches=() if args.no_latency else args.batch,
+                                  threads=args.threads)
+        except ExportError as e:
+            raise ValueError(str(e).splitlines()[0]) from None
+        print(report.summary())
+        if report.max_rel > args.tolerance:
+            from .export import rounding_floor
+
+            print(f"parity FAILED: max relative difference {report.max_rel:.3g} > "
+                  f"{args.tolerance:g}", file=sys.stderr)
+            floor = rounding_floor(src.model, src.example_input.expand(2, -1, -1, -1))
+            why = ("the export is within the model's own float32 rounding (which is large "
+                   "when the model has discontinuities, e.g. SRU's threshold gate)"
+                   if report.max_rel <= 10 * floor else "the export adds more than rounding")
+            print(f"PyTorch's own float32 output differs from float64 by {floor:.3g} "
+                  f"(relative, random input): {why}", file=sys.stderr)
+            return 1
+        print(f"parity OK (max relative difference {report.max_rel:.3g} <= {args.tolerance:g})")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 _SUBCOMMANDS = [_add_convs, _add_profile, _add_tables, _add_bench, _add_plan, _add_train,
-                _add_eval, _add_compare, _add_analyze]
+                _add_eval, _add_compare, _add_analyze, _add_export]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -692,81 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(result or 0)
 
 
-def _add_export(sub) -> None:
-    from .export import FORMATS
 
-    p = sub.add_parser(
-        "export", help="export a checkpoint or zoo model to ONNX / an ExportedProgram, checked",
-        description="Prepare the model for inference (BN folded), export it with a dynamic batch "
-        "dimension and check it against PyTorch on random inputs (and the checkpoint's test "
-        "images when its dataset is here): max absolute / relative difference, and latency of "
-        "ONNX Runtime (or the ExportedProgram) beside PyTorch's. Exit 1 if the difference "
-        "exceeds --tolerance, 2 for a bad argument or a model that cannot export.")
-    p.add_argument("source", metavar="CKPT_OR_MODEL",
-                   help="a leanconv training checkpoint (last.pt / best.pt) or a model name")
-    p.add_argument("--format", choices=FORMATS, default="onnx", help="(default: onnx)")
-    p.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
-    add_conv_arguments(p)
-    p.set_defaults(conv=None)  # None: not given (a checkpoint names its own conv)
-    p.add_argument("--input", default=None, metavar="SIZE",
-                   help="model names only: input size, 224, 32 or 'cifar 32x32' (default: 224)")
-    p.add_argument("--classes", type=int, default=None, help="model names only: classifier width")
-    p.add_argument("--in-channels", type=int, default=None, help="model names only (default 3)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--batch", type=_int_list, default=[1], metavar="B[,B...]",
-                   help="latency batch sizes (default: 1)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
-    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest accepted relative difference (default: 1e-4)")
-
-    def error(message: str):
-        print(f"leanconv export: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-    p.error = error  # one line, not argparse's usage block
-
-    def run(args):
-        from .export import ExportError, export_model, load_source
-
-        hparams = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_") and v is not None}
-        try:
-            if args.conv is not None:
-                hparams = hparams_from_args(args, args.conv)
-            if args.threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {args.threads}")
-            src = load_source(args.source, conv=args.conv, input=args.input,
-                              num_classes=args.classes, in_channels=args.in_channels,
-                              hparams=hparams)
-            print(f"exporting {src.label}" + (f"; {src.note}" if src.note else ""))
-            report = export_model(src.model, src.example_input, format=args.format, out=args.out,
-                                  opset=args.opset, real_inputs=src.real_inputs,
-                                  latency_batches=() if args.no_latency else args.batch,
-                                  threads=args.threads)
-        except (ValueError, ExportError) as e:
-            error(str(e).splitlines()[0])
-        except SystemExit as e:  # hparams_from_args' message
-            error(str(e.code).removeprefix("error: "))
-        print(report.summary())
-        if report.max_rel > args.tolerance:
-            from .export import rounding_floor
-
-            print(f"parity FAILED: max relative difference {report.max_rel:.3g} > "
-                  f"{args.tolerance:g}", file=sys.stderr)
-            floor = rounding_floor(src.model, src.example_input.expand(2, -1, -1, -1))
-            why = ("the export is within the model's own float32 rounding (which is large "
-                   "when the model has discontinuities, e.g. SRU's threshold gate)"
-                   if report.max_rel <= 10 * floor else "the export adds more than rounding")
-            print(f"PyTorch's own float32 output differs from float64 by {floor:.3g} "
-                  f"(relative, random input): {why}", file=sys.stderr)
-            return 1
-        print(f"parity OK (max relative difference {report.max_rel:.3g} <= {args.tolerance:g})")
-        return 0
-
-    p.set_defaults(func=run)
-
-
-_SUBCOMMANDS.append(_add_export)
 
 
 if __name__ == "__main__":
