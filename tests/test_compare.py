@@ -339,6 +339,6 @@ def test_quick_budget_sizes_the_subset_from_measured_throughput(tmp_path, monkey
     assert [t for t in trained if t[0] != "vanilla" or t[1] != 1024] == [
         ("vanilla", n), ("ghost", n)]
     assert results["config"]["train_subset"] == n
-    assert f"fixed random subset of {n} train images (the same for every conv" in (
+    assert f"fixed random subset of {n} train images (the same for every conv; the largest" in (
         tmp_path / "q" / "results.md").read_text()
     assert any(m.startswith("[sizing] ") and str(n) in m for m in log)

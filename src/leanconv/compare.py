@@ -775,8 +775,9 @@ def format_results(results: dict) -> str:
     train_txt = f"{c['epochs']} epoch(s) of recipe `{c['recipe']}`" + (
         f" on a fixed random subset of {c['train_subset']} train images" if c["train_subset"]
         else " on the full train set") + (
-        f" (the same for every conv; sized from the throughput measured on this machine so "
-        f"that the study takes {_fmt_s(c['time_budget'])})" if c.get("time_budget") else "") + (
+        f" (the same for every conv; the largest that fits the study in "
+        f"{_fmt_s(c['time_budget'])} at the throughput measured on this machine, at most the "
+        f"budget's cap)" if c.get("time_budget") else "") + (
         f", tested on {c['test_subset']} test images" if c["test_subset"]
         else ", tested on the full test set")
     lines = [
