@@ -342,3 +342,36 @@ def test_quick_budget_sizes_the_subset_from_measured_throughput(tmp_path, monkey
     assert f"fixed random subset of {n} train images (the same for every conv; the largest" in (
         tmp_path / "q" / "results.md").read_text()
     assert any(m.startswith("[sizing] ") and str(n) in m for m in log)
+
+
+def test_compare_takes_a_plan_file(tmp_path, monkeypatch):
+    """--plan FILE: the planned row is that plan (no planning), a plan for another model is a
+    one-line usage error."""
+    from leanconv import plan as P
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("compare planned although a plan file was given")
+
+    plan = P.Plan(model="resnet20", input_shape=[3, 32, 32], batch=16, objective="training",
+                  budget={"max_macs": 1.0}, path="contiguous", machine=P.machine_key(),
+                  layers=[{"name": "layer3.0.conv2", "in_channels": 64, "out_channels": 64,
+                           "kernel_size": 3, "stride": 1, "conv": "ghost", "hparams": {}}],
+                  totals={"predicted_speedup": 1.0})
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    monkeypatch.setattr(compare, "_make_plan", no_planning)
+    trained = []
+
+    def fake_train(tc, resume=False):
+        trained.append(tc.plan is not None)
+        return _fake_result()
+
+    config = resolve_compare_config("tiny", convs=CONVS, data="synthetic", batches=[2],
+                                    plan_file=str(path), out=str(tmp_path / "study"))
+    results = run_compare(config, trainer=fake_train, print_table=False)
+    assert [r["conv"] for r in results["rows"]] == [*CONVS, "planned"]
+    assert results["rows"][-1]["hparams"] == {"plan": "ghost x1"} and trained[-1]
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--budget", "tiny", "--data", "synthetic", "--model", "resnet32",
+              "--plan", str(path), "--out", str(tmp_path / "other")])
+    assert exc.value.code == 2

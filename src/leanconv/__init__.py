@@ -4,6 +4,7 @@
 >>> conv = leanconv.create_conv("spconv", 64, 128, stride=2, split_ratio=0.5)
 >>> model = leanconv.create_model("resnet50", conv="scconv", num_classes=1000)
 >>> report = leanconv.profile(model, (1, 3, 224, 224))
+>>> plan = leanconv.make_plan("resnet56", batch=128, max_macs=0.65)  # times measured here
 """
 
 from .inference import prepare_for_inference
@@ -23,6 +24,7 @@ from .layers import (
     create_conv,
 )
 from .models import available_models, create_model
+from .plan import Plan, load_plan, make_plan
 from .profile import ProfileReport, profile
 
 __version__ = "0.1.0"
@@ -32,6 +34,7 @@ __all__ = [
     "SRU",
     "CompConv",
     "GhostConv",
+    "Plan",
     "ProfileReport",
     "SCConv",
     "SPConv",
@@ -44,6 +47,8 @@ __all__ = [
     "convert_convs",
     "create_conv",
     "create_model",
+    "load_plan",
+    "make_plan",
     "prepare_for_inference",
     "profile",
 ]

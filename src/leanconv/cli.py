@@ -520,6 +520,9 @@ def _add_compare(sub) -> None:
                    "`leanconv plan` chooses among the study's convs for training on this "
                    "machine (default: 0.8; tiny budget: no planned row)")
     p.add_argument("--no-plan", action="store_true", help="no 'planned' row")
+    p.add_argument("--plan", default=None, metavar="PLAN.json", type=_existing_file,
+                   help="the 'planned' row is this plan (from `leanconv plan`) instead of one "
+                   "made here")
     p.add_argument("--time-budget", type=_non_negative_float, default=None, metavar="SECONDS",
                    help="size the train subset so that the study takes SECONDS (quick: 540; "
                    "0 = no sizing)")
@@ -544,7 +547,7 @@ def _add_compare(sub) -> None:
                 train_subset=args.train_subset,
                 test_subset=args.test_subset, batches=args.batch,
                 threads=args.threads, device=args.device, out=args.out,
-                plan_max_macs=args.plan_max_macs)
+                plan_max_macs=args.plan_max_macs, plan_file=args.plan)
             if args.no_plan:
                 config.plan_max_macs = None
             if args.time_budget is not None:
@@ -698,7 +701,7 @@ def _add_export(sub) -> None:
                    help="latency batch sizes (default: 1)")
     p.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads (default: 1)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    p.add_argument("--tolerance", type=_positive_float, default=1e-4,
+    p.add_argument("--tolerance", type=_non_negative_float, default=1e-4,
                    help="largest accepted relative difference (default: 1e-4)")
 
     def run(args):

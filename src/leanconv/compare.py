@@ -169,6 +169,7 @@ class CompareConfig:
     out: str = "runs/compare"
     time_budget: float | None = None  # seconds for the whole study (sizes train_subset)
     plan_max_macs: float | None = None  # MAC budget of the planned row (None: no planned row)
+    plan_file: str | None = None  # a plan file for the planned row instead of planning here
     plan_rounds: int = 2
     plan_min_run_time: float = 0.05
 
@@ -453,7 +454,15 @@ def run_compare(
 
     # 0. the planned network: per-layer choice among the study's convs, from measured times ----
     plan = None
-    if c.plan_max_macs is not None:
+    if c.plan_file is not None:
+        from .plan import load_plan
+
+        plan = load_plan(c.plan_file).to_dict()
+        if plan["model"] != c.model:
+            raise ValueError(f"--plan {c.plan_file} was made for model {plan['model']!r}, "
+                             f"not {c.model!r}")
+        say(f"[plan] the planned row is {c.plan_file}")
+    elif c.plan_max_macs is not None:
         plan = _make_plan(c, info, entries, stats, say)
     rows_convs = c.convs + ([PLANNED] if plan is not None else [])
 

@@ -699,7 +699,7 @@ def make_plan(
     n_cached = sum(len(cands[s]) for s in shapes) * len(paths) + len(paths)
     say(f"plan {model} @{input_size} batch {batch}, {objective}: {len(layers)} replaceable "
         f"layers, {len(shapes)} shapes, {n_cached} table entries, {len(items)} to measure "
-        f"({key['capability']}, {threads} threads; table {table.path})")
+        f"({key['capability']}, {threads} thread(s); table {table.path})")
     if items:
         from tqdm.auto import tqdm
 

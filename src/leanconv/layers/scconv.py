@@ -499,8 +499,10 @@ class CRU(nn.Module):
     ``split_ratio``, :math:`r` = ``squeeze_ratio``, :math:`g` = ``gwc_groups``:
 
     * Split: the first :math:`u = \mathrm{round}(\alpha C_1)` channels are the upper part, the
-      other :math:`l = C_1 - u` the lower part; 1x1 convs squeeze them to :math:`u_s = \lfloor u/r
-      \rfloor` and :math:`l_s = \lfloor l/r \rfloor` channels (:math:`X_{up}`, :math:`X_{low}`).
+      other :math:`l = C_1 - u` the lower part (``leanconv plan`` also tries width-aligned
+      :math:`\alpha`, e.g. 1/4: :math:`u` a multiple of the CPU kernels' channel block); 1x1
+      convs squeeze them to :math:`u_s = \lfloor u/r \rfloor` and :math:`l_s = \lfloor l/r
+      \rfloor` channels (:math:`X_{up}`, :math:`X_{low}`).
     * Transform, Eq. 5: :math:`Y_1 = M^G X_{up} + M^{P1} X_{up}` with a k x k group-wise conv
       (:math:`g` groups, ``gwc``) and a 1x1 conv (``pwc1``), both :math:`u_s \to C_2`.
     * Transform, Eq. 6: :math:`Y_2 = M^{P2} X_{low} \cup X_{low}`, with ``pwc2``:

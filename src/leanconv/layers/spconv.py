@@ -191,7 +191,9 @@ class SPConv(nn.Module):
     Split (Eq. 2). The first ``C3 = floor(alpha * L)`` input channels are the representative part
     X_rep, the remaining ``C1 = L - C3`` the redundant part X_red (floor as the official code's
     ``int(inplanes * ratio)``; the split is computed with exact fractions, so ``alpha=1/3`` of 30
-    channels is 10). ``split_ratio=1`` leaves no redundant part.
+    channels is 10). ``split_ratio=1`` leaves no redundant part. Width-aligned values (the split
+    a multiple of the CPU kernels' channel block, 16 on AVX-512 and 8 on AVX2, e.g. 1/4 or 3/4 of
+    64 channels) are what ``leanconv plan`` tries beside the paper's 1/2 (docs/plan.md).
 
     Representative part (Eq. 3), then BN (the official code's, see the deviations):
 
