@@ -70,7 +70,7 @@ class ConversionReport:
         return all(d.action != ERROR for d in self.decisions)
 
     def table(self, layers: bool = True) -> str:
-        hp = "".join(f" {k}={v}" for k, v in self.hparams.items())
+        hp = "".join(f", {k}={v}" for k, v in self.hparams.items())
         lines = [f"convert_convs(model, {self.conv!r}{hp}): "
                  f"{sum(d.action == REPLACE for d in self.decisions)} replaced, "
                  f"{sum(d.action == KEEP for d in self.decisions)} kept, "
