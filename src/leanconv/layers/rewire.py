@@ -59,10 +59,13 @@ class Rewiring:
         the new width; the convs in ``replaced`` are the caller's to build."""
         for name, width in self.norms.items():
             old = model.get_submodule(name)
+            ref = next(old.parameters(), None)  # affine=False: its running stats, if any
+            ref = next(old.buffers(), None) if ref is None else ref
             model.set_submodule(name, nn.BatchNorm2d(
                 width, old.eps, old.momentum, old.affine, old.track_running_stats,
-                device=old.weight.device if old.affine else old.running_mean.device,
-                dtype=old.weight.dtype if old.affine else old.running_mean.dtype))
+                device=None if ref is None else ref.device,
+                dtype=None if ref is None else ref.dtype,
+                **({"bias": False} if old.affine and old.bias is None else {})))
         for name, width in self.in_channels.items():
             old = model.get_submodule(name)
             if name in replaced or width == old.in_channels:
