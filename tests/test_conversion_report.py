@@ -3,10 +3,11 @@
 import copy
 
 import pytest
+import torch
 from torch import nn
 
-from leanconv import convert_convs, profile
-from leanconv.layers.conversion_report import conversion_report
+import leanconv
+from leanconv import ConversionReport, conversion_report, convert_convs, profile
 
 
 def toy():
@@ -53,7 +54,9 @@ def test_failures_are_reported_not_raised():
     rep = conversion_report(model, "slimconv", input_size=(8, 8, 8))  # SlimConv narrows
     actions = [(d.action, d.reason) for d in rep.decisions]
     assert actions[0] == ("error", "padding_mode='reflect' is not supported")
-    assert actions[1][0] == "error" and "the layer needs 16" in actions[1][1]
+    assert actions[1][0] == "error" and actions[1][1].startswith(
+        "the replacement gives 6 channels where the layer gave 16, and its output reaches "
+        "the model's output, which needs 16")
     assert not rep.ok and rep.macs_after is None and rep.params_after == rep.params_before
     assert "n/a (the conversion fails)" in rep.table()
     with pytest.raises(ValueError):  # and convert_convs does fail on it
@@ -77,3 +80,48 @@ def test_torchvision_resnet18():
     assert groups[("replace", "replaced by scconv")] == 16
     assert groups[("keep", "1x1 (pointwise): nothing spatial to slim")] == 3
     assert rep.macs_after < rep.macs_before and rep.params_after < rep.params_before
+
+
+def test_dry_run_is_the_report_and_changes_nothing():
+    model = toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = convert_convs(model, "spconv", dry_run=True, input_size=(3, 16, 16), split_ratio=0.5)
+    assert isinstance(rep, ConversionReport) and leanconv.conversion_report is conversion_report
+    same = conversion_report(model, "spconv", input_size=(3, 16, 16), split_ratio=0.5)
+    assert rep.table() == same.table()
+    assert (rep.params_after, rep.macs_after) == (same.params_after, same.macs_after)
+    assert all(type(m) is nn.Conv2d for m in model)
+    assert all((model.state_dict()[k] == v).all() for k, v in before.items())
+    with pytest.raises(ValueError, match="pass it with dry_run=True"):
+        convert_convs(model, "spconv", input_size=16)
+    with pytest.raises(ValueError, match="either plan= or conv"):
+        convert_convs(model, plan={"layers": []}, dry_run=True)
+
+
+def test_kernels_and_paddings_the_conv_types_cannot_build():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),                       # 0: stem
+        nn.Conv2d(8, 8, 2, stride=2),                        # 1: even kernel (ConvNeXt-like)
+        nn.Conv2d(8, 8, 3),                                  # 2: padding 0, not same
+        nn.Conv2d(8, 8, 3, stride=(2, 1), padding=1),        # 3: non-square stride
+        nn.Conv2d(8, 8, 3, padding="same"),                  # 4: replaced
+        nn.Conv2d(8, 8, 5, padding=2, bias=True),            # 5: replaced, keeps its bias
+    )
+    rep = conversion_report(model, "ghost")
+    assert [(d.action, d.reason.split(":")[0]) for d in rep.decisions] == [
+        ("keep", "stem"), ("keep", "even kernel"),
+        ("keep", "padding (0, 0) is not the same padding dilation*(k-1)/2 the conv types use"),
+        ("keep", "non-square stride or dilation"),
+        ("replace", "replaced by ghost"), ("replace", "replaced by ghost")]
+    converted = convert_convs(copy.deepcopy(model), "ghost")
+    assert converted[5].primary.kernel_size == (5, 5) and converted[5].out_channels == 8
+    x = torch.randn(1, 3, 16, 16)
+    assert converted(x).shape == model(x).shape == (1, 8, 3, 6)
+    # A custom predicate choosing them gets an error naming the layer, not a silent re-padding.
+    everything = conversion_report(model, "ghost", predicate=lambda n, m: n in ("1", "2"))
+    assert [d.action for d in everything.decisions[1:3]] == ["error", "error"]
+    assert everything.decisions[1].reason == "kernel_size must be odd (1, 3, 5, ...), got 2"
+    assert everything.decisions[2].reason.startswith("padding must be None, 'same' or")
+    with pytest.raises(ValueError, match=r"^1: cannot replace it with ghost: kernel_size must"):
+        convert_convs(model, "ghost", predicate=lambda n, m: n in ("1", "2"))
+    assert all(type(m) is nn.Conv2d for m in model)

@@ -4,6 +4,7 @@
 >>> conv = leanconv.create_conv("spconv", 64, 128, stride=2, split_ratio=0.5)
 >>> model = leanconv.create_model("resnet50", conv="scconv", num_classes=1000)
 >>> report = leanconv.profile(model, (1, 3, 224, 224))
+>>> dry = leanconv.convert_convs(torchvision.models.resnet50(), "slimconv", dry_run=True)
 >>> plan = leanconv.make_plan("resnet56", batch=128, max_macs=0.65)  # times measured here
 """
 
@@ -12,6 +13,7 @@ from .layers import (
     CRU,
     SRU,
     CompConv,
+    ConversionReport,
     GhostConv,
     SCConv,
     SlimConv,
@@ -20,6 +22,7 @@ from .layers import (
     available_convs,
     conv_hparams,
     conv_out_channels,
+    conversion_report,
     convert_convs,
     create_conv,
 )
@@ -33,6 +36,7 @@ __all__ = [
     "CRU",
     "SRU",
     "CompConv",
+    "ConversionReport",
     "GhostConv",
     "Plan",
     "ProfileReport",
@@ -44,6 +48,7 @@ __all__ = [
     "available_models",
     "conv_hparams",
     "conv_out_channels",
+    "conversion_report",
     "convert_convs",
     "create_conv",
     "create_model",

@@ -1,6 +1,7 @@
 """Convolution modules, one file per paper, all reachable through :func:`create_conv`."""
 
 from .compconv import CompConv
+from .conversion_report import ConversionReport, conversion_report
 from .convert import convert_convs
 from .ghost import GhostConv
 from .registry import (
@@ -20,6 +21,7 @@ __all__ = [
     "CRU",
     "SRU",
     "CompConv",
+    "ConversionReport",
     "GhostConv",
     "SCConv",
     "SPConv",
@@ -29,6 +31,7 @@ __all__ = [
     "conv_class",
     "conv_hparams",
     "conv_out_channels",
+    "conversion_report",
     "convert_convs",
     "create_conv",
     "register_conv",

@@ -1,16 +1,17 @@
 """A dry run of :func:`~leanconv.layers.convert.convert_convs`: what it would replace, and why.
 
-``conversion_report(model, conv, predicate=None, **hparams)`` changes nothing. For every
-``nn.Conv2d`` of ``model`` it records whether ``convert_convs`` with the same arguments would
-replace it, keep it (and the reason: 1x1, grouped/depthwise, the stem, too few channels,
-non-square kernel, excluded by a custom predicate) or fail on it (padding mode, a width the
-conv type cannot keep, hyperparameters the layer cannot take), with the parameters of the layer
-before and after; with ``input_size`` the MACs of each layer and of the whole model before and
-after too (counted by :func:`leanconv.profile` on the meta device: nothing is allocated).
+``conversion_report(model, conv, predicate=None, **hparams)``, also reached as
+``convert_convs(model, conv, dry_run=True)``, changes nothing. For every ``nn.Conv2d`` of
+``model`` it records whether ``convert_convs`` with the same arguments would replace it (naming
+the layers rewired after a width change), keep it (and the reason: 1x1, grouped/depthwise, the
+stem, too few channels, non-square or even kernel, other padding, excluded by a custom
+predicate) or fail on it (padding mode, a width change the graph cannot absorb, hyperparameters
+the layer cannot take), with the parameters of the layer before and after; with ``input_size``
+the MACs of each layer and of the whole model before and after too (counted by
+:func:`leanconv.profile` on the meta device: nothing is allocated).
 
 >>> rep = conversion_report(torchvision.models.resnet18(), "spconv", input_size=224)
->>> print(rep.table())
-"""
+>>> print(rep.table())"""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .convert import _default_predicate, convert_convs
-from .registry import conv_hparams, conv_out_channels, create_conv
+from .convert import _build, _has_same_padding, _plan_conversion, convert_convs
+from .registry import conv_out_channels
 
 __all__ = ["ConvDecision", "ConversionReport", "conversion_report"]
 
@@ -41,6 +42,7 @@ class ConvDecision:
     params_after: int
     macs_before: int | None = None
     macs_after: int | None = None
+    detail: str = ""  # per layer, outside the grouped reason: the widths rewired around it
 
 
 @dataclass
@@ -68,7 +70,7 @@ class ConversionReport:
         return all(d.action != ERROR for d in self.decisions)
 
     def table(self, layers: bool = True) -> str:
-        hp = "".join(f" {k}={v}" for k, v in self.hparams.items())
+        hp = "".join(f", {k}={v}" for k, v in self.hparams.items())
         lines = [f"convert_convs(model, {self.conv!r}{hp}): "
                  f"{sum(d.action == REPLACE for d in self.decisions)} replaced, "
                  f"{sum(d.action == KEEP for d in self.decisions)} kept, "
@@ -79,8 +81,9 @@ class ConversionReport:
                 for d in items:
                     macs = "" if d.macs_before is None else (
                         f"  MACs {d.macs_before:,} -> {d.macs_after:,}")
+                    detail = f"  ({d.detail})" if d.detail else ""
                     lines.append(f"    {d.name:<32s} {d.shape:<22s} params {d.params_before:,} "
-                                 f"-> {d.params_after:,}{macs}")
+                                 f"-> {d.params_after:,}{macs}{detail}")
         lines.append(f"params {self.params_before:,} -> {self.params_after:,} "
                      f"({_ratio(self.params_after, self.params_before)})")
         if self.macs_before is not None:
@@ -115,7 +118,24 @@ def _why_kept(m: nn.Conv2d, is_first: bool) -> str:
     if m.in_channels <= 4:
         return ("stem: reads the image (<= 4 input channels; every paper keeps it vanilla)"
                 if is_first else "too few channels (<= 4 input channels)")
+    if m.kernel_size[0] % 2 == 0:
+        return "even kernel: the conv types build odd k x k kernels with same padding"
+    if m.stride[0] != m.stride[1] or m.dilation[0] != m.dilation[1]:
+        return "non-square stride or dilation"
+    if not _has_same_padding(m):
+        return (f"padding {m.padding} is not the same padding dilation*(k-1)/2 the conv types "
+                f"use")
     return "excluded by the default predicate"
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the meta device, made without copying any tensor's data."""
+    memo = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
 
 
 def _n_params(m: nn.Module) -> int:
@@ -133,48 +153,54 @@ def conversion_report(
     """What ``convert_convs(model, conv, predicate, **hparams)`` would do, without doing it.
 
     ``input_size`` (as for :func:`leanconv.profile`: ``224``, ``(3, 224, 224)``, ...) adds MACs.
-    Unknown hyperparameters raise ``ValueError`` as ``convert_convs`` would.
+    Unknown hyperparameters raise ``ValueError`` as ``convert_convs`` would. A layer whose width
+    changes (SlimConv, k != 1) is replaced with the layers rewired after it named in its reason,
+    or an error naming the op that needs the old width (:mod:`leanconv.layers.rewire`).
     """
-    conv_hparams(conv)  # unknown conv: ValueError listing the available ones
+    conversion = _plan_conversion(model, conv, predicate, hparams)
     report = ConversionReport(conv, dict(hparams))
+    chosen = dict(conversion.selected)
+    rewiring = conversion.rewiring
+    # The real conversion of a meta-device copy (nothing allocated) gives the exact sizes after,
+    # rewired layers included; a conversion that fails is estimated layer by layer instead.
+    converted = None
+    if not conversion.errors:
+        converted = convert_convs(_meta_copy(model), conv, predicate, **hparams)
     convs = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d]
     first = convs[0][0] if convs else None
     for name, m in convs:
         before = _n_params(m)
-        chosen = predicate(name, m) if predicate is not None else _default_predicate(name, m)
-        if not chosen:
+        if converted is not None:
+            after = _n_params(converted.get_submodule(name))
+        elif name in chosen and name not in conversion.errors:
+            with torch.device("meta"):
+                after = _n_params(_build(conv, m, rewiring.in_channels.get(name, m.in_channels),
+                                         hparams))
+        else:
+            after = before
+        detail = ""
+        if name not in chosen:
+            action = KEEP
             reason = ("excluded by the predicate" if predicate is not None
                       else _why_kept(m, name == first))
-            report.decisions.append(ConvDecision(name, _shape(m), KEEP, reason, before, before))
-            continue
-        if m.padding_mode != "zeros":
-            report.decisions.append(ConvDecision(
-                name, _shape(m), ERROR, f"padding_mode={m.padding_mode!r} is not supported",
-                before, before))
-            continue
-        try:
-            width = conv_out_channels(conv, m.in_channels, m.out_channels, **hparams)
-            if width != m.out_channels:
-                raise ValueError(f"{conv} produces {width} channels, the layer needs "
-                                 f"{m.out_channels}")
-            with torch.device("meta"):
-                new = create_conv(conv, m.in_channels, m.out_channels,
-                                  kernel_size=m.kernel_size[0], stride=m.stride[0],
-                                  dilation=m.dilation[0],
-                                  **({"bias": True} if m.bias is not None else {}), **hparams)
-        except (ValueError, NotImplementedError) as e:
-            if "does not take" in str(e):
-                raise
-            report.decisions.append(ConvDecision(name, _shape(m), ERROR,
-                                                 str(e).splitlines()[0], before, before))
-            continue
-        report.decisions.append(ConvDecision(name, _shape(m), REPLACE, f"replaced by {conv}",
-                                             before, _n_params(new)))
+            if rewiring.in_channels.get(name, m.in_channels) != m.in_channels:
+                detail = f"in_channels rewired to {rewiring.in_channels[name]}"
+        elif name in conversion.errors:
+            action, reason = ERROR, conversion.errors[name]
+        elif name in rewiring.rewired:
+            action, reason = REPLACE, f"replaced by {conv}, the layers after it rewired"
+            width = conv_out_channels(conv, rewiring.in_channels[name], m.out_channels, **hparams)
+            detail = f"{width} channels; rewired: {', '.join(rewiring.rewired[name])}"
+        else:
+            action, reason = REPLACE, f"replaced by {conv}"
+        report.decisions.append(
+            ConvDecision(name, _shape(m), action, reason, before, after, detail=detail))
     report.params_before = _n_params(model)
-    report.params_after = report.params_before + sum(
-        d.params_after - d.params_before for d in report.decisions)
+    report.params_after = (_n_params(converted) if converted is not None else
+                           report.params_before + sum(d.params_after - d.params_before
+                                                      for d in report.decisions))
     if input_size is not None:
-        _add_macs(report, model, conv, predicate, input_size, hparams)
+        _add_macs(report, model, converted, input_size)
     return report
 
 
@@ -183,20 +209,17 @@ def _layer_macs(profile_report, name: str) -> int:
                if layer.name == name or layer.name.startswith(name + "."))
 
 
-def _add_macs(report: ConversionReport, model: nn.Module, conv: str, predicate, input_size,
-              hparams: dict) -> None:
+def _add_macs(report: ConversionReport, model: nn.Module, converted: nn.Module | None,
+              input_size) -> None:
     from ..profile import profile
 
     before = profile(model, input_size)
     report.macs_before = before.macs
     for d in report.decisions:
         d.macs_before = d.macs_after = _layer_macs(before, d.name)
-    if not report.ok:
+    if converted is None:  # the conversion fails
         return
-    # Convert a copy on the meta device (no memory, no compute) and count it the same way.
-    converted = convert_convs(copy.deepcopy(model).to("meta"), conv, predicate, **hparams)
     after = profile(converted, input_size)
     report.macs_after = after.macs
     for d in report.decisions:
-        if d.action == REPLACE:
-            d.macs_after = _layer_macs(after, d.name)
+        d.macs_after = _layer_macs(after, d.name)
