@@ -24,7 +24,8 @@ d        ``depth`` (CompConv recursion depth)
 C0       ``base_channels`` (CompConv adaptive-depth constant C_0)
 variant  SPConv Table 4: ``P20`` -> representative="vanilla", ``P22`` ->
          representative="gwc-then-pwc", ``no-P3`` -> fusion="sum"
-stages   model argument: replace convs only in these stages (``stages=3,4``)
+stages   model argument: replace convs only in these stages (``stages=3,4``; the numbers of each
+         model: :func:`leanconv.models.model_stages`)
 ======== ======================================================================================
 
 ``input`` is ``"<dataset> <H>x<W>"``: ``imagenet`` builds the model with ``stem="imagenet"``, any
@@ -40,7 +41,6 @@ convention is in docs/reproduction.md.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 import os
@@ -57,7 +57,6 @@ from .layers import conv_hparams
 from .layers._utils import as_fraction
 from .models import available_models, create_model
 from .models import placement as _placement
-from .models.registry import _MODELS
 from .profile import profile
 
 __all__ = [
@@ -212,12 +211,7 @@ def build_model(model: str, conv: str = "vanilla", *, input: str | int = "imagen
         kwargs["num_classes"] = num_classes
     if in_channels is not None:
         kwargs["in_channels"] = in_channels
-    for key in MODEL_KEYS:
-        if key in kwargs:
-            params = inspect.signature(_MODELS[name]).parameters
-            takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-            if key not in params and not takes_any:
-                raise ValueError(f"model {name!r} does not take {key!r}")
+    # ``stages`` is checked by create_model against the model's registered stages (model_stages).
     # Models built for both datasets take stem="imagenet"/"cifar" (docs/placement.md); CIFAR-only
     # builders accept only "cifar"; others take no stem at all.
     stem = "imagenet" if dataset.startswith("imagenet") else "cifar"

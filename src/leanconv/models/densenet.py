@@ -23,10 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from ..layers._utils import check_choice
-from .placement import Placement, place_conv, resolve_placement
+from .placement import Placement, place_conv, resolve_placement, select_stages
 from .registry import register_model
 
 __all__ = ["DenseNet", "densenet121"]
+
+STAGES = (1, 2, 3, 4)  # the dense blocks dense1..dense4
 
 
 class DenseLayer(nn.Module):
@@ -62,16 +64,19 @@ class DenseNet(nn.Module):
     def __init__(self, nblocks=(6, 12, 24, 16), growth: int = 32, reduction: float = 0.5,
                  num_classes: int = 10, *, in_channels: int = 3, stem: str = "cifar",
                  conv: str = "vanilla", placement: Placement | dict | str | None = None,
-                 **conv_hparams) -> None:
+                 stages: tuple[int, ...] | None = None, **conv_hparams) -> None:
         super().__init__()
         check_choice("stem", stem, ("cifar",))
         place = resolve_placement(conv, placement)
+        # stages: the dense blocks (dense1..dense4) whose 3x3 convs ``conv`` may replace
+        selected = select_stages(stages, tuple(range(1, len(nblocks) + 1)))
         width = 2 * growth
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         for i, n in enumerate(nblocks, 1):
             layers = []
+            kind = conv if i in selected else "vanilla"
             for _ in range(n):
-                layers.append(DenseLayer(width, growth, conv=conv, place=place,
+                layers.append(DenseLayer(width, growth, conv=kind, place=place,
                                          hparams=conv_hparams))
                 width += growth
             setattr(self, f"dense{i}", nn.Sequential(*layers))
@@ -100,7 +105,7 @@ class DenseNet(nn.Module):
         return self.linear(out)
 
 
-@register_model(input_size=32)
+@register_model(input_size=32, stages=STAGES)
 def densenet121(*, conv: str = "vanilla", num_classes: int = 10, **kwargs) -> DenseNet:
     """CIFAR DenseNet-121 (growth 32): SCConv Tab. 2 (7.05M / 898M MACs)."""
     return DenseNet((6, 12, 24, 16), 32, 0.5, num_classes, conv=conv, **kwargs)

@@ -49,6 +49,7 @@ __all__ = [
     "place_conv",
     "place_norm",
     "resolve_placement",
+    "select_stages",
 ]
 
 _ROLES = ("stem", "kxk", "basic1", "basic2", "pointwise", "downsample")
@@ -265,3 +266,17 @@ def place_norm(placement: Placement, replaced: bool, channels: int, norm_layer=n
     if replaced and not placement.keep_bn:
         return nn.Identity()
     return norm_layer(channels)
+
+
+def select_stages(stages, allowed: tuple[int, ...]) -> frozenset[int]:
+    """The stages whose convs the conv type may replace: all of ``allowed`` for ``None``, else
+    ``stages`` (an int or an iterable of ints), each checked against ``allowed``. A conv in a stage
+    not selected stays vanilla; convs outside every stage (a stem) follow the placement alone."""
+    if stages is None:
+        return frozenset(allowed)
+    values = (stages,) if isinstance(stages, int) else tuple(stages)
+    if not values:
+        raise ValueError(f"stages must name at least one of {', '.join(map(str, allowed))}")
+    for value in values:
+        check_choice("stages", value, allowed)
+    return frozenset(values)
