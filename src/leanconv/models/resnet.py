@@ -1,4 +1,5 @@
-"""ResNet / ResNeXt (He et al. 2016, Xie et al. 2017) with any registered conv type.
+"""ResNet / ResNeXt / SE-ResNet (He et al. 2016, Xie et al. 2017, Hu et al. 2018) with any
+registered conv type.
 
 The layout is torchvision's ``torchvision/models/resnet.py`` (ResNet V1.5: stride on the 3x3 of the
 bottleneck): top-level ``conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc``, an ``inplanes``
@@ -30,6 +31,8 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "ResNet",
+    "SEBottleneck",
+    "SqueezeExcitation",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -39,6 +42,8 @@ __all__ = [
     "resnext101_32x3d",
     "resnext101_32x4d",
     "resnext101_32x8d",
+    "se_resnet50",
+    "se_resnet101",
     "wide_resnet50_2",
     "wide_resnet101_2",
 ]
@@ -168,6 +173,40 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class SqueezeExcitation(nn.Module):
+    """SE block (Hu et al. 2018, Fig. 3): global average pool, FC ``C -> C/r``, ReLU, FC
+    ``C/r -> C``, sigmoid, channel-wise scale. The FCs are 1x1 convs with bias (timm's
+    ``SEModule``): the same ``2 C^2 / r + C / r + C`` parameters as the paper's FC layers."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = channels // reduction
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.fc2(self.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * torch.sigmoid(s)
+
+
+class SEBottleneck(Bottleneck):
+    """Bottleneck with an SE block (reduction 16) on the residual branch, after ``bn3`` and before
+    the sum with the identity (Hu et al. 2018, Fig. 3 "SE-ResNet module"). The convs are placed
+    as in :class:`Bottleneck`; the SE block is part of the host and never replaced."""
+
+    def __init__(self, inplanes: int, planes: int, *args, **kwargs) -> None:
+        super().__init__(inplanes, planes, *args, **kwargs)
+        self.se = SqueezeExcitation(planes * self.expansion, 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.se(self.bn3(self.conv3(out)))
         return self.relu(out + identity)
 
 
@@ -327,6 +366,21 @@ def resnet101(**kwargs) -> ResNet:
 def resnet152(**kwargs) -> ResNet:
     """ResNet-152 (He et al. 2016)."""
     return _resnet(Bottleneck, [3, 8, 36, 3], **kwargs)
+
+
+@register_model(stages=STAGES)
+def se_resnet50(**kwargs) -> ResNet:
+    """SE-ResNet-50 (Hu et al. 2018; SE reduction 16): SlimConv Tab. 1 (ImageNet, 28.09M) and
+    Tab. 9 with ``stem="cifar"`` (CIFAR-100, 26.50M; "Sc-SE-ResNet-50" with ``conv="slimconv"``).
+    Vanilla: 28,088,024 params at 1000 classes, as timm's ``seresnet50``."""
+    return _resnet(SEBottleneck, [3, 4, 6, 3], **kwargs)
+
+
+@register_model(stages=STAGES)
+def se_resnet101(**kwargs) -> ResNet:
+    """SE-ResNet-101 (Hu et al. 2018): SlimConv Tab. 1 (49.33M) and Tab. 9 (CIFAR-100, 47.77M;
+    "Sc-SE-ResNet-101"). Vanilla: 49,326,872 params at 1000 classes, as timm's ``seresnet101``."""
+    return _resnet(SEBottleneck, [3, 4, 23, 3], **kwargs)
 
 
 @register_model(stages=STAGES)
