@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401  (importing a family registers its builders)
     densenet,
+    dla,
     mobilenetv2,
     resnet,
     resnet_cifar,
