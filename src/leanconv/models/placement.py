@@ -148,7 +148,7 @@ PAPER_PLACEMENTS: dict[str, Placement] = {
     "ghost": Placement(pointwise=True, downsample=True),
 }
 
-#: Overrides a paper's *table* applied to another paper's module: SCConv Tab. 2 built its
+#: Overrides a paper's *table* applied to another paper's module. SCConv Tab. 2 built its
 #: competitors in CIFAR basic blocks the way it built SCConv (the second 3x3 of each block):
 #: SPConv-R56 0.582M / 85.1M (paper 0.58M / 87.95M), SPConv-WRN28 24.14M / 4.14G (24.20M /
 #: 4.16G); SPConv's own placement (both convs) gives 0.32M / 13.4M there. Ghost and SlimConv rows
@@ -156,6 +156,10 @@ PAPER_PLACEMENTS: dict[str, Placement] = {
 #: complexity.csv; values: dicts for ``placement=``.
 TABLE_PLACEMENTS: dict[tuple[str, str], dict] = {
     ("SCConv", "spconv"): {"basic": "second"},
+    # CompConv Tab. 7 built Ghost into every block conv but kept the projection shortcuts
+    # vanilla: Ghost-Res50 (CIFAR-100) 13.47M / 0.722G (paper 13.5M / 0.7G; projections
+    # replaced: 12.10M / 0.665G), Ghost-Res18 5.75M / 0.284G (5.7M / 0.3G).
+    ("CompConv", "ghost"): {"downsample": False},
 }
 
 _PRESETS = {
