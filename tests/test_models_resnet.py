@@ -209,11 +209,12 @@ def _block_net(block, conv: str, in_channels: int, groups: int = 1, width_per_gr
 FAMILIES = {
     "resnet_basic": lambda conv, **kw: _block_net(BasicBlock, conv, **kw),
     "resnet_bottleneck": lambda conv, **kw: _block_net(Bottleneck, conv, **kw),
+    # ResNeXt widths such that CRU / SCConv can keep the 4 paths (2 x 4 GWC groups, SCConv Tab. 2)
     "resnext_bottleneck": lambda conv, **kw: _block_net(Bottleneck, conv, groups=4,
-                                                        width_per_group=16, **kw),
+                                                        width_per_group=32, **kw),
     "resnet_cifar": lambda conv, **kw: CifarResNet(8, num_classes=5, conv=conv, **kw),
     "wide_resnet": lambda conv, **kw: WideResNet(10, 1, num_classes=5, conv=conv, **kw),
-    "resnext_cifar": lambda conv, **kw: CifarResNeXt(11, cardinality=4, bottleneck_width=4,
+    "resnext_cifar": lambda conv, **kw: CifarResNeXt(11, cardinality=4, bottleneck_width=8,
                                                      num_classes=5, conv=conv, **kw),
 }
 
@@ -283,3 +284,34 @@ def test_table_placement_for_competitors_in_scconv_table2():
     model = _build_or_skip(lambda: _meta("resnet56", conv="spconv", split_ratio=0.5,
                                          placement=placement), "spconv")
     assert _params(model) == 581_594  # paper: 0.58M
+
+
+def test_scconv_keeps_the_resnext_cardinality_in_its_gwc():
+    """SCConv Tab. 2 SCConv-RX29 (22.31M / 3.57G): CRU's GWC keeps the host's c = 4 paths, g x c
+    = 8 groups (keep_cardinality). Params: the vanilla RX29 minus its grouped 3x3 weights plus,
+    per replaced conv, Eq. 11 with g*c groups and SRU's GN affine (2 C1); MACs: only the GWC
+    term changes against g = 2 groups, k^2 (alpha C / r) C H W (1/g - 1/(g c)) per conv."""
+    alpha, r, g, c, k = 0.5, 2, 2, 4, 3
+    model = _meta("resnext29", conv="scconv")
+    assert all(m.cru.gwc.groups == g * c for n, m in model.named_modules() if n.endswith("conv2"))
+    vanilla = _meta("resnext29")
+    widths = [256] * 3 + [512] * 3 + [1024] * 3  # the grouped 3x3 of each of the 9 blocks
+
+    def eq11(C1, C2, groups):
+        up, low = alpha * C1, (1 - alpha) * C1
+        return (up * up / r + k * k * (up / (groups * r)) * (C2 / groups) * groups + up / r * C2
+                + low * low / r + low / r * (C2 - low / r))
+
+    expected = _params(vanilla) + sum(eq11(C, C, g * c) + 2 * C - k * k * C * C / c
+                                      for C in widths)
+    assert _params(model) == expected == 21_826_890
+    # output sizes of the 9 convs: 32x32 in stage 1, 16x16 and 8x8 (stride on the first block)
+    sizes = [32 * 32] * 3 + [16 * 16] * 3 + [8 * 8] * 3
+    own = _meta("resnext29", conv="scconv", placement={"keep_cardinality": False})
+    gwc_saved = sum(k * k * (alpha * C / r) * C * hw * (1 / g - 1 / (g * c))
+                    for C, hw in zip(widths, sizes, strict=True))
+    assert _macs(own, 32) - _macs(model, 32) == gwc_saved
+    with pytest.raises(ValueError, match="keep_cardinality"):
+        _meta("resnext50_32x4d", conv="scconv")  # 32 squeezed channels cannot take 2 x 32 groups
+    with pytest.raises(ValueError, match="no group-wise conv"):
+        _meta("resnext29", conv="ghost", placement={"keep_cardinality": True})

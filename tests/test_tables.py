@@ -7,6 +7,7 @@ import pytest
 
 from leanconv import cli
 from leanconv import tables as T
+from leanconv.models import model_stages
 from leanconv.tables import parse_hparams, parse_input, read_targets, run_tables
 
 CSV = """paper,table,input,classes,model,conv,hparams,params_M,macs_G,note
@@ -181,3 +182,46 @@ def test_spconv_vgg_alpha_sweep_is_affine_except_the_printed_row_8():
     for a, b, k in zip(measured, measured[1:], (1, 2, 4), strict=False):
         assert a - b == pytest.approx(m_step / k, rel=1e-3)
     assert abs(measured[3] / predicted - 1) < 0.01
+
+
+def test_ablation_variants_of_the_papers_tables():
+    assert parse_hparams("variant=no-P1 variant=no-P3", "spconv")[0] == {
+        "redundant": False, "fusion": "sum"}
+    assert parse_hparams("variant=C&S", "scconv")[0] == {"order": "parallel"}
+    assert parse_hparams("variant=C+S", "scconv")[0] == {"order": "cs"}
+    assert parse_hparams("variant=only-flipping", "slimconv")[0] == {"flipping": "only"}
+    assert parse_hparams("variant=no-shuffle", "compconv")[0] == {"shuffle": False}
+    assert parse_hparams("variant=identity-conv", "compconv")[0] == {"identity": "conv"}
+    with pytest.raises(ValueError, match="needs argument 'order'"):
+        parse_hparams("variant=C+S", "cru")
+    # SPConv Tab. 4, fifth row (P21 only: no redundant part, no P3): 0.088M / 14.47M
+    row = {"paper": "SPConv", "table": "4", "input": "cifar 32x32", "classes": "10",
+           "model": "resnet20", "conv": "spconv",
+           "hparams": "alpha=1/2 g=2 variant=no-P1 variant=no-P3", "params_M": "0.088",
+           "macs_G": "0.01447"}
+    result = T.evaluate_row(row)
+    assert result.ok and result.params_m == pytest.approx(0.088, abs=5e-4)
+
+
+def test_printed_precision():
+    assert T._printed_equal(0.5555, "0.6") and T._printed_equal(0.10441, "0.10")
+    assert not T._printed_equal(0.156378, "0.15") and not T._printed_equal(1.0, "n/a")
+    row = {"params_M": "11.2", "macs_G": "0.6"}  # CompConv Tab. 7 ResNet-18: 0.5555 G is 7 % off
+    result = T.RowResult(row=row, index=61, params=11_220_132, macs=555_500_000)
+    assert not result.ok and result.ok_or_printed
+    assert not T.RowResult(row={**row, "params_M": "12"}, index=1, params=11_220_132,
+                           macs=555_500_000).ok_or_printed
+    assert T.RowResult(row=row, index=1).ok_or_printed is False  # not built
+
+
+def test_other_rows_csv_speaks_the_vocabulary():
+    """docs/other_rows.csv (the papers' rows beyond the targets) parses and names zoo models."""
+    from pathlib import Path
+
+    rows = read_targets(Path(__file__).parents[1] / "docs" / "other_rows.csv")
+    assert len(rows) >= 60
+    for row in rows:
+        _, model_kwargs = parse_hparams(row["hparams"], row["conv"])
+        dataset, _ = parse_input(row["input"])
+        name = T.resolve_model_name(row["model"], dataset)
+        assert set(model_kwargs.get("stages", ())) <= set(model_stages(name))

@@ -22,9 +22,15 @@ L        ``se_min_channels`` (SlimConv's SE floor)
 s        ``ratio`` (GhostConv s)
 d        ``depth`` (CompConv recursion depth)
 C0       ``base_channels`` (CompConv adaptive-depth constant C_0)
-variant  SPConv Table 4: ``P20`` -> representative="vanilla", ``P22`` ->
-         representative="gwc-then-pwc", ``no-P3`` -> fusion="sum"
-stages   model argument: replace convs only in these stages (``stages=3,4``)
+variant  a paper's ablation (:data:`VARIANTS`; tokens combine, ``variant=no-P1 variant=no-P3``):
+         SPConv Table 4 ``P20`` -> representative="vanilla", ``P22`` ->
+         representative="gwc-then-pwc", ``no-P3`` -> fusion="sum", ``no-P1`` -> redundant=False;
+         SCConv Table 1 ``S+C`` / ``C+S`` / ``C&S`` -> order="sc" / "cs" / "parallel";
+         SlimConv Table 7 ``no-flipping`` / ``only-flipping`` -> flipping="none" / "only";
+         CompConv Table 1 ``no-shuffle`` -> shuffle=False, Table 2 ``identity-group`` /
+         ``identity-random`` / ``identity-conv`` -> identity="group" / "random" / "conv"
+stages   model argument: replace convs only in these stages (``stages=3,4``; the numbers of each
+         model: :func:`leanconv.models.model_stages`)
 ======== ======================================================================================
 
 ``input`` is ``"<dataset> <H>x<W>"``: ``imagenet`` builds the model with ``stem="imagenet"``, any
@@ -40,13 +46,13 @@ convention is in docs/reproduction.md.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -57,7 +63,6 @@ from .layers import conv_hparams
 from .layers._utils import as_fraction
 from .models import available_models, create_model
 from .models import placement as _placement
-from .models.registry import _MODELS
 from .profile import profile
 
 __all__ = [
@@ -111,11 +116,26 @@ HPARAM_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "d": {"*": ("depth", "d")},
     "C0": {"*": ("base_channels", "adaptive_base", "C0")},
 }
-# named variants -> constructor arguments
+#: named ablation variants of the papers' tables -> constructor arguments
 VARIANTS: dict[str, dict[str, object]] = {
+    # SPConv Table 4: P1 count the redundant channels, P20 / P21 / P22 representative transform
+    # (P21, GWC + PWC, is the default), P3 parameter-free fusion
     "P20": {"representative": "vanilla"},
     "P22": {"representative": "gwc-then-pwc"},
     "no-P3": {"fusion": "sum"},
+    "no-P1": {"redundant": False},
+    # SCConv Table 1: the order of SRU and CRU
+    "S+C": {"order": "sc"},
+    "C+S": {"order": "cs"},
+    "C&S": {"order": "parallel"},
+    # SlimConv Table 7: "w/o flipping", "only flipping"
+    "no-flipping": {"flipping": "none"},
+    "only-flipping": {"flipping": "only"},
+    # CompConv Table 1 (shuffle block) and Table 2 (identity mapping options)
+    "no-shuffle": {"shuffle": False},
+    "identity-group": {"identity": "group"},
+    "identity-random": {"identity": "random"},
+    "identity-conv": {"identity": "conv"},
 }
 MODEL_KEYS = ("stages",)
 # (paper, conv) -> placement the paper used for another paper's module (models/placement.py)
@@ -212,12 +232,7 @@ def build_model(model: str, conv: str = "vanilla", *, input: str | int = "imagen
         kwargs["num_classes"] = num_classes
     if in_channels is not None:
         kwargs["in_channels"] = in_channels
-    for key in MODEL_KEYS:
-        if key in kwargs:
-            params = inspect.signature(_MODELS[name]).parameters
-            takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-            if key not in params and not takes_any:
-                raise ValueError(f"model {name!r} does not take {key!r}")
+    # ``stages`` is checked by create_model against the model's registered stages (model_stages).
     # Models built for both datasets take stem="imagenet"/"cifar" (docs/placement.md); CIFAR-only
     # builders accept only "cifar"; others take no stem at all.
     stem = "imagenet" if dataset.startswith("imagenet") else "cifar"
@@ -294,6 +309,15 @@ class RowResult:
                 and abs(dp) <= PARAMS_TOL + 1e-12 and abs(dm) <= MACS_TOL + 1e-12)
 
     @property
+    def ok_or_printed(self) -> bool:
+        """Each column within tolerance or, rounded to the digits the paper prints, equal to it
+        (e.g. 0.5555 G against a printed 0.6)."""
+        columns = ((self.params_diff, PARAMS_TOL, self.params_m, "params_M"),
+                   (self.macs_diff, MACS_TOL, self.macs_g, "macs_G"))
+        return all(diff is not None and (abs(diff) <= tol + 1e-12 or _printed_equal(
+            value, self.row.get(column, ""))) for diff, tol, value, column in columns)
+
+    @property
     def ok_convlinear(self) -> bool:
         """``ok`` with the plain conv + linear MACs instead of the paper's convention."""
         dp = self.params_diff
@@ -315,10 +339,23 @@ class RowResult:
             params_rel_diff=None if self.params_diff is None else round(self.params_diff, 5),
             macs_rel_diff=None if self.macs_diff is None else round(self.macs_diff, 5),
             within_tolerance=self.ok,
+            within_tolerance_or_printed=self.ok_or_printed,
             builder=self.builder,
             error=self.error,
         )
         return out
+
+
+def _printed_equal(measured: float | None, printed: str) -> bool:
+    """``measured`` rounded half-up to the decimals of ``printed`` (``"0.10"``: 2) equals it."""
+    try:
+        paper = Decimal(printed.strip())
+    except InvalidOperation:
+        return False
+    if measured is None or not paper.is_finite():
+        return False
+    step = Decimal(1).scaleb(paper.as_tuple().exponent)
+    return Decimal(repr(measured)).quantize(step, rounding=ROUND_HALF_UP) == paper
 
 
 def packaged_targets() -> Traversable:
@@ -402,7 +439,7 @@ def _columns(results: Sequence[RowResult]) -> tuple[list[str], list[list[str]]]:
             row.get("params_M", ""), _fmt(r.params_m, 3), _pct(r.params_diff),
             row.get("macs_G", ""), _fmt(r.macs_g, 4), _pct(r.macs_diff),
             r.counter, _fmt(r.macs_convlinear_g, 4),
-            "yes" if r.ok else ("ERROR" if r.error else "no"),
+            "yes" if r.ok else ("ERROR" if r.error else "printed" if r.ok_or_printed else "no"),
         ])
     return head, rows
 
@@ -413,9 +450,12 @@ def _summary(results: Sequence[RowResult]) -> str:
     errors = sum(r.error is not None for r in results)
     pct = 100 * n_ok / n if n else 0.0
     plain = sum(r.ok_convlinear for r in results)
+    printed = sum(r.ok_or_printed for r in results)
     return (f"{n_ok}/{n} rows ({pct:.1f}%) within ±{PARAMS_TOL:.0%} params and "
             f"±{MACS_TOL:.0%} MACs (MACs counted as the `counter` column says; "
-            f"{plain}/{n} with plain conv+linear MACs); {errors} rows could not be built")
+            f"{plain}/{n} with plain conv+linear MACs); {printed}/{n} with each column within "
+            f"tolerance or equal at the paper's printed precision (ok: `printed`); "
+            f"{errors} rows could not be built")
 
 
 def to_text(results: Sequence[RowResult]) -> str:

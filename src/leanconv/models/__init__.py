@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401  (importing a family registers its builders)
     densenet,
+    dla,
     mobilenetv2,
     resnet,
     resnet_cifar,
@@ -11,12 +12,19 @@ from . import (  # noqa: F401  (importing a family registers its builders)
     wide_resnet,
 )
 from .placement import Placement
-from .registry import available_models, create_model, default_input_size, register_model
+from .registry import (
+    available_models,
+    create_model,
+    default_input_size,
+    model_stages,
+    register_model,
+)
 
 __all__ = [
     "Placement",
     "available_models",
     "create_model",
     "default_input_size",
+    "model_stages",
     "register_model",
 ]

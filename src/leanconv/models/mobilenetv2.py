@@ -31,9 +31,12 @@ from torch import Tensor, nn
 
 from ..layers import conv_class, conv_out_channels, create_conv
 from ..layers._utils import check_choice
+from .placement import select_stages
 from .registry import register_model
 
 __all__ = ["MobileNetV2", "depthwise_conv", "mobilenet_v2"]
+
+STAGES = (1, 2, 3, 4, 5, 6, 7)  # the bottleneck sequences of Sandler et al. Tab. 2
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
@@ -110,13 +113,18 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """torchvision's layout: ``features`` (stem, 17 blocks, last 1x1 conv), ``classifier``."""
+    """torchvision's layout: ``features`` (stem, 17 blocks, last 1x1 conv), ``classifier``.
+
+    ``stages``: the bottleneck sequences (1-7, the rows t, c, n, s of Sandler et al. Tab. 2,
+    timm's ``blocks.0..6``) whose depthwise convs ``conv`` replaces; default all.
+    """
 
     def __init__(self, num_classes: int = 1000, *, in_channels: int = 3, width_mult: float = 1.0,
                  stem: str = "imagenet", conv: str = "vanilla", dropout: float = 0.2,
-                 **conv_hparams) -> None:
+                 stages: tuple[int, ...] | None = None, **conv_hparams) -> None:
         super().__init__()
         check_choice("stem", stem, ("imagenet", "cifar"))
+        selected = select_stages(stages, STAGES)
         cifar = stem == "cifar"
         # t, c, n, s (Table 2 of the MobileNetV2 paper); CIFAR: stride 1 at the 24-channel stage
         setting = [[1, 16, 1, 1], [6, 24, 2, 1 if cifar else 2], [6, 32, 3, 2], [6, 64, 4, 2],
@@ -124,11 +132,12 @@ class MobileNetV2(nn.Module):
         cin = _make_divisible(32 * width_mult)
         self.last_channel = _make_divisible(1280 * max(1.0, width_mult))
         features: list[nn.Module] = [_conv_bn_relu(in_channels, cin, 3, 1 if cifar else 2)]
-        for t, c, n, s in setting:
+        for stage, (t, c, n, s) in enumerate(setting, start=1):
             cout = _make_divisible(c * width_mult)
+            kind, hp = (conv, conv_hparams) if stage in selected else ("vanilla", {})
             for i in range(n):
-                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, conv=conv,
-                                                 hparams=conv_hparams, cifar=cifar))
+                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, conv=kind,
+                                                 hparams=hp, cifar=cifar))
                 cin = cout
         features.append(_conv_bn_relu(cin, self.last_channel, 1))
         self.features = nn.Sequential(*features)
@@ -152,7 +161,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(x)
 
 
-@register_model
+@register_model(stages=STAGES)
 def mobilenet_v2(*, conv: str = "vanilla", num_classes: int = 1000, **kwargs) -> MobileNetV2:
     """MobileNetV2 1.0: ``stem="imagenet"`` (SlimConv Tab. 3) or ``"cifar"`` (Tab. 8).
 

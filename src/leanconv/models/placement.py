@@ -27,6 +27,9 @@ compconv   no    all (basic: both)         yes     yes       yes        kept
 ghost      no    all (basic: both)         yes     yes       yes        kept
 other      no    all (basic: both)         yes     no        no         kept
 ========== ===== ========================= ======= ========= ========== =======
+
+In a grouped host conv (ResNeXt) ``cru`` and ``scconv`` keep the host's cardinality in their
+group-wise conv (``keep_cardinality``, SCConv Tab. 2); the other modules use their own grouping.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = [
     "place_conv",
     "place_norm",
     "resolve_placement",
+    "select_stages",
 ]
 
 _ROLES = ("stem", "kxk", "basic1", "basic2", "pointwise", "downsample")
@@ -67,6 +71,11 @@ class Placement:
         downsample: replace the 1x1 projection shortcuts.
         keep_bn: keep the host's BN after a replaced conv (``False``: the module's own internal
             norms stand in for it, as in SlimConv's official bottleneck, and the BN is removed).
+        keep_cardinality: in a grouped host conv (ResNeXt, cardinality c), a module without a
+            ``groups`` argument keeps the host's grouping in its group-wise conv: ``gwc_groups``
+            becomes ``g x c`` (g groups inside each of the c paths). ``False``: the module's own
+            ``gwc_groups`` replace the host's groups. Modules that take ``groups`` (SlimConv)
+            always get the host's groups; modules with neither cannot keep it (``ValueError``).
     """
 
     stem: bool = False
@@ -76,6 +85,7 @@ class Placement:
     pointwise: bool = False
     downsample: bool = False
     keep_bn: bool = True
+    keep_cardinality: bool = False
 
     def __post_init__(self) -> None:
         check_choice("placement.basic", self.basic, ("both", "first", "second", "auto"))
@@ -122,9 +132,13 @@ PAPER_PLACEMENTS: dict[str, Placement] = {
     # (the -34% of Table 3 needs them); GN is the module's only norm, so the host BN stays.
     # Basic blocks (Tab. 2 R56, WRN-28): one 3x3 per block, the second: SCConv-WRN28 21.04M /
     # 3.71G (paper 21.12M / 3.75G), SCConv-R56 0.510M (0.52M); both convs would give 7.6M / 0.18M.
+    # ResNeXt (Tab. 2 RX29): CRU replaces the grouped 3x3 "without any model architecture
+    # adjustment" (Sec. 4), so its GWC keeps the cardinality: g x c groups (Eq. 5, Eq. 11's GWC
+    # term over g*c): SCConv-RX29 21.83M / 3.52G (paper 22.31M / 3.57G); with g = 2 groups in
+    # place of the host's 4 it would be 25.31M / 4.03G. SRU's conv has no grouping to keep.
     "sru": Placement(basic="second"),
-    "cru": Placement(basic="second"),
-    "scconv": Placement(basic="second"),
+    "cru": Placement(basic="second", keep_cardinality=True),
+    "scconv": Placement(basic="second", keep_cardinality=True),
     # CompConv Sec. 4.3: "replacing regular convolutions with CompConv except for the Conv1 before
     # the first MaxPooling" / Tab. 7 "We replace all convolutions in both basic block and
     # bottleneck": 1x1s and projections included.
@@ -134,7 +148,7 @@ PAPER_PLACEMENTS: dict[str, Placement] = {
     "ghost": Placement(pointwise=True, downsample=True),
 }
 
-#: Overrides a paper's *table* applied to another paper's module: SCConv Tab. 2 built its
+#: Overrides a paper's *table* applied to another paper's module. SCConv Tab. 2 built its
 #: competitors in CIFAR basic blocks the way it built SCConv (the second 3x3 of each block):
 #: SPConv-R56 0.582M / 85.1M (paper 0.58M / 87.95M), SPConv-WRN28 24.14M / 4.14G (24.20M /
 #: 4.16G); SPConv's own placement (both convs) gives 0.32M / 13.4M there. Ghost and SlimConv rows
@@ -142,6 +156,10 @@ PAPER_PLACEMENTS: dict[str, Placement] = {
 #: complexity.csv; values: dicts for ``placement=``.
 TABLE_PLACEMENTS: dict[tuple[str, str], dict] = {
     ("SCConv", "spconv"): {"basic": "second"},
+    # CompConv Tab. 7 built Ghost into every block conv but kept the projection shortcuts
+    # vanilla: Ghost-Res50 (CIFAR-100) 13.47M / 0.722G (paper 13.5M / 0.7G; projections
+    # replaced: 12.10M / 0.665G), Ghost-Res18 5.75M / 0.284G (5.7M / 0.3G).
+    ("CompConv", "ghost"): {"downsample": False},
 }
 
 _PRESETS = {
@@ -184,6 +202,10 @@ def _accepts(conv: str, argument: str) -> bool:
     return argument in inspect.signature(conv_class(conv).__init__).parameters
 
 
+def _default(conv: str, argument: str):
+    return inspect.signature(conv_class(conv).__init__).parameters[argument].default
+
+
 def place_conv(
     conv: str,
     placement: Placement,
@@ -201,10 +223,12 @@ def place_conv(
     """Build the conv for ``role``; return ``(module, width it produces, replaced?)``.
 
     A replaced conv is ``create_conv(conv, ...)`` with the paper hyperparameters ``hparams``; the
-    rest are ``VanillaConv``. The host's ``groups`` (ResNeXt cardinality) is passed on only to
-    conv types that take a ``groups`` argument; the others (SPConv, SCConv, ...) use their own
-    grouping in place of the host's, as their official code does. The produced width comes from
-    :func:`~leanconv.layers.conv_out_channels` (SlimConv gives ``in_channels / k``).
+    rest are ``VanillaConv``. The host's ``groups`` (ResNeXt cardinality) is passed on to conv
+    types that take a ``groups`` argument; with ``placement.keep_cardinality`` a conv type with a
+    group-wise conv (``gwc_groups``: CRU, SCConv, SPConv) gets ``gwc_groups x groups``; otherwise
+    the module uses its own grouping in place of the host's, as SPConv's official code does. The
+    produced width comes from :func:`~leanconv.layers.conv_out_channels` (SlimConv gives
+    ``in_channels / k``).
     """
     replaced = conv != "vanilla" and placement.replaces(role, stride)
     name = conv if replaced else "vanilla"
@@ -214,10 +238,29 @@ def place_conv(
         extra["dilation"] = dilation
     if bias:
         extra["bias"] = True
+    kept = None  # (module's own gwc_groups, host groups) when the cardinality moves into its GWC
     if groups != 1 and (name == "vanilla" or _accepts(name, "groups")):
         extra["groups"] = groups
+    elif groups != 1 and placement.keep_cardinality:
+        if not _accepts(name, "gwc_groups"):
+            raise ValueError(f"placement.keep_cardinality: conv {name!r} has no group-wise conv "
+                             f"to keep the host's {groups} groups in (no 'groups' or "
+                             f"'gwc_groups' argument); use placement={{'keep_cardinality': "
+                             f"False}}")
+        own = params.get("gwc_groups", _default(name, "gwc_groups"))
+        params["gwc_groups"] = own * groups
+        kept = own
     width = conv_out_channels(name, in_channels, out_channels, **params)
-    module = create_conv(name, in_channels, width, kernel_size, stride, **extra, **params)
+    try:
+        module = create_conv(name, in_channels, width, kernel_size, stride, **extra, **params)
+    except ValueError as exc:
+        if kept is None:
+            raise
+        raise ValueError(f"{role} conv {in_channels} -> {width} with the host's {groups} groups: "
+                         f"{name} keeps them (placement.keep_cardinality) as gwc_groups = {kept} "
+                         f"x {groups} = {kept * groups}, which this width cannot take ({exc}); "
+                         f"pass a smaller gwc_groups or placement={{'keep_cardinality': False}}"
+                         ) from exc
     return module, width, replaced
 
 
@@ -227,3 +270,17 @@ def place_norm(placement: Placement, replaced: bool, channels: int, norm_layer=n
     if replaced and not placement.keep_bn:
         return nn.Identity()
     return norm_layer(channels)
+
+
+def select_stages(stages, allowed: tuple[int, ...]) -> frozenset[int]:
+    """The stages whose convs the conv type may replace: all of ``allowed`` for ``None``, else
+    ``stages`` (an int or an iterable of ints), each checked against ``allowed``. A conv in a stage
+    not selected stays vanilla; convs outside every stage (a stem) follow the placement alone."""
+    if stages is None:
+        return frozenset(allowed)
+    values = (stages,) if isinstance(stages, int) else tuple(stages)
+    if not values:
+        raise ValueError(f"stages must name at least one of {', '.join(map(str, allowed))}")
+    for value in values:
+        check_choice("stages", value, allowed)
+    return frozenset(values)

@@ -1,4 +1,5 @@
-"""ResNet / ResNeXt (He et al. 2016, Xie et al. 2017) with any registered conv type.
+"""ResNet / ResNeXt / SE-ResNet (He et al. 2016, Xie et al. 2017, Hu et al. 2018) with any
+registered conv type.
 
 The layout is torchvision's ``torchvision/models/resnet.py`` (ResNet V1.5: stride on the 3x3 of the
 bottleneck): top-level ``conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc``, an ``inplanes``
@@ -23,13 +24,15 @@ from torch import Tensor, nn
 
 from ..layers import conv_hparams
 from ..layers._utils import check_choice
-from .placement import Placement, place_conv, place_norm, resolve_placement
+from .placement import Placement, place_conv, place_norm, resolve_placement, select_stages
 from .registry import register_model
 
 __all__ = [
     "BasicBlock",
     "Bottleneck",
     "ResNet",
+    "SEBottleneck",
+    "SqueezeExcitation",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -39,9 +42,15 @@ __all__ = [
     "resnext101_32x3d",
     "resnext101_32x4d",
     "resnext101_32x8d",
+    "se_resnet50",
+    "se_resnet101",
     "wide_resnet50_2",
     "wide_resnet101_2",
 ]
+
+
+#: stage numbers of the torchvision layout: ``layer1..layer4`` (He et al. 2016 Tab. 1 conv2_x..5_x)
+STAGES = (1, 2, 3, 4)
 
 
 class _Builder:
@@ -68,6 +77,13 @@ class _Builder:
 
     def norm(self, replaced: bool, channels: int, norm_layer: Callable[..., nn.Module]):
         return place_norm(self.placement, replaced, channels, norm_layer)
+
+    def per_stage(self, stages, allowed: tuple[int, ...]) -> dict[int, _Builder]:
+        """Stage number -> this builder if ``stages`` selects it (:func:`select_stages`), else a
+        vanilla one."""
+        selected = select_stages(stages, allowed)
+        vanilla = _Builder("vanilla", Placement(), {})
+        return {s: self if s in selected else vanilla for s in allowed}
 
 
 class BasicBlock(nn.Module):
@@ -160,6 +176,40 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+class SqueezeExcitation(nn.Module):
+    """SE block (Hu et al. 2018, Fig. 3): global average pool, FC ``C -> C/r``, ReLU, FC
+    ``C/r -> C``, sigmoid, channel-wise scale. The FCs are 1x1 convs with bias (timm's
+    ``SEModule``): the same ``2 C^2 / r + C / r + C`` parameters as the paper's FC layers."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = channels // reduction
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.fc2(self.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * torch.sigmoid(s)
+
+
+class SEBottleneck(Bottleneck):
+    """Bottleneck with an SE block (reduction 16) on the residual branch, after ``bn3`` and before
+    the sum with the identity (Hu et al. 2018, Fig. 3 "SE-ResNet module"). The convs are placed
+    as in :class:`Bottleneck`; the SE block is part of the host and never replaced."""
+
+    def __init__(self, inplanes: int, planes: int, *args, **kwargs) -> None:
+        super().__init__(inplanes, planes, *args, **kwargs)
+        self.se = SqueezeExcitation(planes * self.expansion, 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.se(self.bn3(self.conv3(out)))
+        return self.relu(out + identity)
+
+
 def _check_width(where: str, conv: str, got: int, expected: int) -> None:
     if got != expected:
         raise ValueError(
@@ -176,6 +226,8 @@ class ResNet(nn.Module):
         stem: ``"imagenet"`` (7x7/2 conv + max pool) or ``"cifar"`` (3x3/1 conv, no pool).
         conv: registered conv type placed according to ``placement``.
         placement: see :func:`leanconv.models.placement.resolve_placement` (default: the paper's).
+        stages: the stages (1-4: ``layer1..layer4``) whose convs ``conv`` may replace; the
+            others stay vanilla (default: all). The stem follows the placement alone.
         **conv_hparams: the conv type's paper hyperparameters (``split_ratio=0.5``, ...).
     """
 
@@ -194,12 +246,14 @@ class ResNet(nn.Module):
         stem: str = "imagenet",
         conv: str = "vanilla",
         placement: Placement | dict | str | None = None,
+        stages: tuple[int, ...] | None = None,
         **conv_hparams,
     ) -> None:
         super().__init__()
         check_choice("stem", stem, ("imagenet", "cifar"))
         self._norm_layer = norm_layer or nn.BatchNorm2d
         self._place = _Builder(conv, resolve_placement(conv, placement), conv_hparams)
+        place = self._place.per_stage(stages, STAGES)
         self.inplanes = 64
         self.dilation = 1
         if replace_stride_with_dilation is None:
@@ -222,16 +276,20 @@ class ResNet(nn.Module):
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         else:
             self.maxpool = nn.Identity()
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], 2, replace_stride_with_dilation[0])
-        self.layer3 = self._make_layer(block, 256, layers[2], 2, replace_stride_with_dilation[1])
-        self.layer4 = self._make_layer(block, 512, layers[3], 2, replace_stride_with_dilation[2])
+        self.layer1 = self._make_layer(block, 64, layers[0], place=place[1])
+        self.layer2 = self._make_layer(block, 128, layers[1], 2, replace_stride_with_dilation[0],
+                                       place=place[2])
+        self.layer3 = self._make_layer(block, 256, layers[2], 2, replace_stride_with_dilation[1],
+                                       place=place[3])
+        self.layer4 = self._make_layer(block, 512, layers[3], 2, replace_stride_with_dilation[2],
+                                       place=place[4])
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
         _init_weights(self, zero_init_residual)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1,
-                    dilate: bool = False) -> nn.Sequential:
+                    dilate: bool = False, *, place: _Builder | None = None) -> nn.Sequential:
+        place = place or self._place
         norm_layer = self._norm_layer
         downsample = None
         previous_dilation = self.dilation
@@ -239,17 +297,17 @@ class ResNet(nn.Module):
             self.dilation *= stride
             stride = 1
         if stride != 1 or self.inplanes != planes * block.expansion:
-            proj, width, rep = self._place("downsample", self.inplanes, planes * block.expansion,
-                                           1, stride)
-            _check_width("downsample", self._place.conv, width, planes * block.expansion)
-            downsample = nn.Sequential(proj, self._place.norm(rep, width, norm_layer))
+            proj, width, rep = place("downsample", self.inplanes, planes * block.expansion, 1,
+                                     stride)
+            _check_width("downsample", place.conv, width, planes * block.expansion)
+            downsample = nn.Sequential(proj, place.norm(rep, width, norm_layer))
         layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width,
-                        previous_dilation, norm_layer, place=self._place)]
+                        previous_dilation, norm_layer, place=place)]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):
             layers.append(block(self.inplanes, planes, groups=self.groups,
                                 base_width=self.base_width, dilation=self.dilation,
-                                norm_layer=norm_layer, place=self._place))
+                                norm_layer=norm_layer, place=place))
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -280,49 +338,64 @@ def _resnet(block, layers, *, conv: str = "vanilla", num_classes: int = 1000,
     return ResNet(block, layers, num_classes=num_classes, conv=conv, **kwargs)
 
 
-@register_model
+@register_model(stages=STAGES)
 def resnet18(**kwargs) -> ResNet:
     """ResNet-18 (He et al. 2016); ``stem="cifar"`` for CompConv Tab. 7's CIFAR-100 model."""
     return _resnet(BasicBlock, [2, 2, 2, 2], **kwargs)
 
 
-@register_model
+@register_model(stages=STAGES)
 def resnet34(**kwargs) -> ResNet:
     """ResNet-34 (He et al. 2016)."""
     return _resnet(BasicBlock, [3, 4, 6, 3], **kwargs)
 
 
-@register_model
+@register_model(stages=STAGES)
 def resnet50(**kwargs) -> ResNet:
     """ResNet-50: SlimConv Tab. 1/9/10, SPConv Tab. 2, SCConv Tab. 1-3, CompConv Tab. 7-8."""
     return _resnet(Bottleneck, [3, 4, 6, 3], **kwargs)
 
 
-@register_model
+@register_model(stages=STAGES)
 def resnet101(**kwargs) -> ResNet:
     """ResNet-101: SlimConv Tab. 1, SCConv Tab. 3."""
     return _resnet(Bottleneck, [3, 4, 23, 3], **kwargs)
 
 
-@register_model
+@register_model(stages=STAGES)
 def resnet152(**kwargs) -> ResNet:
     """ResNet-152 (He et al. 2016)."""
     return _resnet(Bottleneck, [3, 8, 36, 3], **kwargs)
 
 
-@register_model
+@register_model(stages=STAGES)
+def se_resnet50(**kwargs) -> ResNet:
+    """SE-ResNet-50 (Hu et al. 2018; SE reduction 16): SlimConv Tab. 1 (ImageNet, 28.09M) and
+    Tab. 9 with ``stem="cifar"`` (CIFAR-100, 26.50M; "Sc-SE-ResNet-50" with ``conv="slimconv"``).
+    Vanilla: 28,088,024 params at 1000 classes, as timm's ``seresnet50``."""
+    return _resnet(SEBottleneck, [3, 4, 6, 3], **kwargs)
+
+
+@register_model(stages=STAGES)
+def se_resnet101(**kwargs) -> ResNet:
+    """SE-ResNet-101 (Hu et al. 2018): SlimConv Tab. 1 (49.33M) and Tab. 9 (CIFAR-100, 47.77M;
+    "Sc-SE-ResNet-101"). Vanilla: 49,326,872 params at 1000 classes, as timm's ``seresnet101``."""
+    return _resnet(SEBottleneck, [3, 4, 23, 3], **kwargs)
+
+
+@register_model(stages=STAGES)
 def resnext50_32x4d(**kwargs) -> ResNet:
     """ResNeXt-50 32x4d (Xie et al. 2017): SlimConv Tab. 1."""
     return _resnet(Bottleneck, [3, 4, 6, 3], groups=32, width_per_group=4, **kwargs)
 
 
-@register_model
+@register_model(stages=STAGES)
 def resnext101_32x4d(**kwargs) -> ResNet:
     """ResNeXt-101 32x4d (Xie et al. 2017): SlimConv Tab. 1 baseline."""
     return _resnet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4, **kwargs)
 
 
-@register_model
+@register_model(stages=STAGES)
 def resnext101_32x3d(**kwargs) -> ResNet:
     """ResNeXt-101 32x3d as built by SlimConv's official ``resnext101_32x3d``: stage depths
     [4, 8, 18, 3] (not [3, 4, 23, 3]; 33 bottlenecks all the same) and width 3 per group
@@ -336,19 +409,19 @@ def resnext101_32x3d(**kwargs) -> ResNet:
     return _resnet(Bottleneck, [4, 8, 18, 3], groups=32, width_per_group=3, **kwargs)
 
 
-@register_model
+@register_model(stages=STAGES)
 def resnext101_32x8d(**kwargs) -> ResNet:
     """ResNeXt-101 32x8d (Xie et al. 2017)."""
     return _resnet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=8, **kwargs)
 
 
-@register_model
+@register_model(stages=STAGES)
 def wide_resnet50_2(**kwargs) -> ResNet:
     """Wide ResNet-50-2 (torchvision's: bottleneck width doubled)."""
     return _resnet(Bottleneck, [3, 4, 6, 3], width_per_group=128, **kwargs)
 
 
-@register_model
+@register_model(stages=STAGES)
 def wide_resnet101_2(**kwargs) -> ResNet:
     """Wide ResNet-101-2 (torchvision's: bottleneck width doubled)."""
     return _resnet(Bottleneck, [3, 4, 23, 3], width_per_group=128, **kwargs)

@@ -22,6 +22,8 @@ from .resnet import BasicBlock, _Builder, _check_width, _init_weights
 
 __all__ = ["CifarResNet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 
+STAGES = (1, 2, 3)  # layer1..layer3: the 16-, 32- and 64-channel stacks
+
 
 class PadShortcut(nn.Module):
     """Option-A shortcut: take every ``stride``-th pixel, zero-pad channels up to ``out``."""
@@ -50,6 +52,7 @@ class CifarResNet(nn.Module):
         stem: str = "cifar",
         conv: str = "vanilla",
         placement: Placement | dict | str | None = None,
+        stages: tuple[int, ...] | None = None,
         zero_init_residual: bool = False,
         **conv_hparams,
     ) -> None:
@@ -66,25 +69,27 @@ class CifarResNet(nn.Module):
         _check_width("CifarResNet.conv1", conv, width, widths[0])
         self.bn1 = self._place.norm(rep, width, nn.BatchNorm2d)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(widths[0], n, 1)
-        self.layer2 = self._make_layer(widths[1], n, 2)
-        self.layer3 = self._make_layer(widths[2], n, 2)
+        place = self._place.per_stage(stages, STAGES)
+        self.layer1 = self._make_layer(widths[0], n, 1, place[1])
+        self.layer2 = self._make_layer(widths[1], n, 2, place[2])
+        self.layer3 = self._make_layer(widths[2], n, 2, place[3])
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(widths[2], num_classes)
         _init_weights(self, zero_init_residual)
 
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    def _make_layer(self, planes: int, blocks: int, stride: int, place: _Builder
+                    ) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes:
             if self.shortcut == "A":
                 downsample = PadShortcut(self.inplanes, planes, stride)
             else:
-                proj, width, rep = self._place("downsample", self.inplanes, planes, 1, stride)
-                _check_width("downsample", self._place.conv, width, planes)
-                downsample = nn.Sequential(proj, self._place.norm(rep, width, nn.BatchNorm2d))
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample, place=self._place)]
+                proj, width, rep = place("downsample", self.inplanes, planes, 1, stride)
+                _check_width("downsample", place.conv, width, planes)
+                downsample = nn.Sequential(proj, place.norm(rep, width, nn.BatchNorm2d))
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample, place=place)]
         self.inplanes = planes
-        layers += [BasicBlock(planes, planes, place=self._place) for _ in range(1, blocks)]
+        layers += [BasicBlock(planes, planes, place=place) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -97,31 +102,31 @@ def _cifar_resnet(depth: int, *, num_classes: int = 10, **kwargs) -> CifarResNet
     return CifarResNet(depth, num_classes=num_classes, **kwargs)
 
 
-@register_model(input_size=32)
+@register_model(input_size=32, stages=STAGES)
 def resnet20(**kwargs) -> CifarResNet:
     """CIFAR ResNet-20: SPConv Tab. 1 and Tab. 4 (ablation)."""
     return _cifar_resnet(20, **kwargs)
 
 
-@register_model(input_size=32)
+@register_model(input_size=32, stages=STAGES)
 def resnet32(**kwargs) -> CifarResNet:
     """CIFAR ResNet-32."""
     return _cifar_resnet(32, **kwargs)
 
 
-@register_model(input_size=32)
+@register_model(input_size=32, stages=STAGES)
 def resnet44(**kwargs) -> CifarResNet:
     """CIFAR ResNet-44."""
     return _cifar_resnet(44, **kwargs)
 
 
-@register_model(input_size=32)
+@register_model(input_size=32, stages=STAGES)
 def resnet56(**kwargs) -> CifarResNet:
     """CIFAR ResNet-56: SCConv Tab. 2."""
     return _cifar_resnet(56, **kwargs)
 
 
-@register_model(input_size=32)
+@register_model(input_size=32, stages=STAGES)
 def resnet110(**kwargs) -> CifarResNet:
     """CIFAR ResNet-110."""
     return _cifar_resnet(110, **kwargs)

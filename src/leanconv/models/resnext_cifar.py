@@ -22,6 +22,8 @@ from .resnet import _Builder, _check_width, _init_weights
 
 __all__ = ["CifarResNeXt", "ResNeXtBlock", "resnext29"]
 
+STAGES = (1, 2, 3)  # layer1..layer3
+
 
 class ResNeXtBlock(nn.Module):
     """Grouped bottleneck with expansion 2 (``conv1/bn1, conv2/bn2, conv3/bn3, downsample``)."""
@@ -66,6 +68,7 @@ class CifarResNeXt(nn.Module):
         stem: str = "cifar",
         conv: str = "vanilla",
         placement: Placement | dict | str | None = None,
+        stages: tuple[int, ...] | None = None,
         **conv_hparams,
     ) -> None:
         super().__init__()
@@ -73,6 +76,7 @@ class CifarResNeXt(nn.Module):
             raise ValueError(f"depth must be 9n+2 with n >= 1 (11, 20, 29), got {depth}")
         check_choice("stem", stem, ("cifar",))
         place = _Builder(conv, resolve_placement(conv, placement), conv_hparams)
+        per_stage = place.per_stage(stages, STAGES)
         n = (depth - 2) // 9
         self.conv1, width, rep = place("stem", in_channels, 64, 3)
         _check_width("CifarResNeXt.conv1", conv, width, 64)
@@ -83,7 +87,7 @@ class CifarResNeXt(nn.Module):
             blocks = []
             for j in range(n):
                 blocks.append(ResNeXtBlock(inplanes, group_width, cardinality,
-                                           stride if j == 0 else 1, place))
+                                           stride if j == 0 else 1, per_stage[i]))
                 inplanes = 2 * group_width
             self.add_module(f"layer{i}", nn.Sequential(*blocks))
             group_width *= 2
@@ -97,7 +101,7 @@ class CifarResNeXt(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-@register_model(input_size=32)
+@register_model(input_size=32, stages=STAGES)
 def resnext29(*, num_classes: int = 10, **kwargs) -> CifarResNeXt:
     """ResNeXt-29, default 4x64d (``cardinality``, ``bottleneck_width``: 2x64d, 8x64d, 32x4d)."""
     return CifarResNeXt(29, num_classes=num_classes, **kwargs)

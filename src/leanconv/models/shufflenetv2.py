@@ -29,10 +29,12 @@ from torch import Tensor, nn
 
 from ..layers._utils import channel_shuffle, check_choice
 from .mobilenetv2 import depthwise_conv
+from .placement import select_stages
 from .registry import register_model
 
 __all__ = ["ShuffleNetV2", "shufflenet_v2_x1_0"]
 
+STAGES = (2, 3, 4)  # Ma et al. Tab. 5's Stage2..Stage4 (torchvision's stage2..stage4)
 _ANY_WIDTH = ("vanilla", "ghost", "compconv")  # conv types that take the 58-channel stage 2
 _START = {"cru": (4,), "scconv": (4,)}  # 116 channels: 116/2/2 = 29 is not divisible by g = 2
 
@@ -86,9 +88,7 @@ class ShuffleNetV2(nn.Module):
             # by their groups; SlimConv's paper build (Table 3) also starts at stage 3.
             # CRU (and SCConv) also squeeze alpha*C by r into groups of g: C divisible by 8.
             stages = (2, 3, 4) if conv in _ANY_WIDTH else _START.get(conv, (3, 4))
-        stages = tuple(stages)
-        for s in stages:
-            check_choice("stages", s, (2, 3, 4))
+        stages = select_stages(stages, STAGES)
         cifar = stem == "cifar"
         c0 = stages_out_channels[0]
         self.conv1 = nn.Sequential(
@@ -117,7 +117,7 @@ class ShuffleNetV2(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@register_model
+@register_model(stages=STAGES)
 def shufflenet_v2_x1_0(*, conv: str = "vanilla", num_classes: int = 1000,
                        **kwargs) -> ShuffleNetV2:
     """ShuffleNetV2 1.0x: ``stem="imagenet"`` (SlimConv Tab. 3) or ``"cifar"`` (Tab. 8)."""

@@ -25,13 +25,14 @@ from torch import Tensor, nn
 
 from ..layers import conv_out_channels
 from ..layers._utils import check_choice, check_positive_int
-from .placement import Placement, place_conv, place_norm, resolve_placement
+from .placement import Placement, place_conv, place_norm, resolve_placement, select_stages
 from .registry import register_model
 
 __all__ = ["VGG", "vgg15", "vgg16"]
 
 _CFG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
           512, 512, 512, "M")
+STAGES = (1, 2, 3, 4, 5)  # the conv groups before each of the 5 max pools
 
 
 class VGG(nn.Module):
@@ -42,29 +43,34 @@ class VGG(nn.Module):
         head: ``"linear"`` (1 FC) or ``"mlp"`` (FC -> BN1d -> ReLU -> FC).
         hidden: width of the ``"mlp"`` head's hidden layer.
         placement: where the conv type goes (see :func:`resolve_placement`).
+        stages: the stages (1-5, the conv groups between max pools, CompConv Tab. 4's
+            "Comp-VGG16-1s" / "-5s") whose convs ``conv`` may replace; default all.
     """
 
     def __init__(self, cfg=_CFG16, num_classes: int = 10, *, in_channels: int = 3,
                  head: str = "linear", hidden: int = 512, stem: str = "cifar",
                  conv: str = "vanilla", placement: Placement | dict | str | None = None,
-                 **conv_hparams) -> None:
+                 stages: tuple[int, ...] | None = None, **conv_hparams) -> None:
         super().__init__()
         check_choice("head", head, ("linear", "mlp"))
         check_choice("stem", stem, ("cifar",))
         check_positive_int("hidden", hidden)
         place = resolve_placement(conv, placement)
+        selected = select_stages(stages, tuple(range(1, cfg.count("M") + 1)))
         layers: list[nn.Module] = []
-        cin, first, narrowed = in_channels, True, False
+        cin, first, narrowed, stage = in_channels, True, False, 1
         for item in cfg:
             if item == "M":
                 layers.append(nn.MaxPool2d(2, 2))
+                stage += 1
                 continue
+            kind = conv if stage in selected else "vanilla"
             # The conv after a width-changing module stays vanilla and restores the planned width.
             role = "stem" if first or narrowed else "kxk"
             want = item
-            if conv != "vanilla" and place.replaces(role):
-                item = conv_out_channels(conv, cin, item, **conv_hparams)  # SlimConv: C/k
-            module, width, replaced = place_conv(conv, place, role, cin, item, 3,
+            if kind != "vanilla" and place.replaces(role):
+                item = conv_out_channels(kind, cin, item, **conv_hparams)  # SlimConv: C/k
+            module, width, replaced = place_conv(kind, place, role, cin, item, 3,
                                                  hparams=conv_hparams)
             layers += [module, place_norm(place, replaced, width), nn.ReLU(inplace=True)]
             narrowed = replaced and width != want
@@ -89,13 +95,13 @@ class VGG(nn.Module):
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
 
-@register_model(input_size=32)
+@register_model(input_size=32, stages=STAGES)
 def vgg16(*, conv: str = "vanilla", num_classes: int = 10, **kwargs) -> VGG:
     """CIFAR VGG-16, 13 conv + 1 FC (CompConv Tab. 3: 14.7M / 314M MACs)."""
     return VGG(_CFG16, num_classes, conv=conv, head="linear", **kwargs)
 
 
-@register_model(input_size=32)
+@register_model(input_size=32, stages=STAGES)
 def vgg15(*, conv: str = "vanilla", num_classes: int = 10, **kwargs) -> VGG:
     """CIFAR VGG, 13 conv + 2 FC with BN (SPConv Tab. 1's VGG-16; see the module docstring)."""
     kwargs.setdefault("head", "mlp")

@@ -22,6 +22,8 @@ from .resnet import _Builder, _check_width, _init_weights
 
 __all__ = ["WideBasic", "WideResNet", "wrn28_10"]
 
+STAGES = (1, 2, 3)  # layer1..layer3: widths 16k, 32k, 64k
+
 
 class WideBasic(nn.Module):
     """Pre-activation wide basic block; roles ``basic1`` (conv1) and ``basic2`` (conv2)."""
@@ -65,6 +67,7 @@ class WideResNet(nn.Module):
         stem: str = "cifar",
         conv: str = "vanilla",
         placement: Placement | dict | str | None = None,
+        stages: tuple[int, ...] | None = None,
         **conv_hparams,
     ) -> None:
         super().__init__()
@@ -73,6 +76,7 @@ class WideResNet(nn.Module):
         check_choice("stride_on", stride_on, ("conv1", "conv2"))
         check_choice("stem", stem, ("cifar",))
         place = _Builder(conv, resolve_placement(conv, placement), conv_hparams)
+        per_stage = place.per_stage(stages, STAGES)
         n = (depth - 4) // 6
         widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1, width, _ = place("stem", in_channels, 16, 3, bias=bias)
@@ -81,7 +85,7 @@ class WideResNet(nn.Module):
         for i, (planes, stride) in enumerate(zip(widths, (1, 2, 2), strict=True), start=1):
             blocks = []
             for j in range(n):
-                blocks.append(WideBasic(inplanes, planes, stride if j == 0 else 1, place,
+                blocks.append(WideBasic(inplanes, planes, stride if j == 0 else 1, per_stage[i],
                                         dropout=dropout, stride_on=stride_on, bias=bias))
                 inplanes = planes
             self.add_module(f"layer{i}", nn.Sequential(*blocks))
@@ -100,7 +104,7 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-@register_model(input_size=32)
+@register_model(input_size=32, stages=STAGES)
 def wrn28_10(*, num_classes: int = 10, **kwargs) -> WideResNet:
     """WRN-28-10: SCConv Tab. 2 (36.55M / 5.96G)."""
     return WideResNet(28, 10, num_classes=num_classes, **kwargs)
