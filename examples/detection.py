@@ -33,8 +33,8 @@ from leanconv.segmentation import deeplabv3
 from leanconv.shapes import CLASSES, ShapesDataset, collate, detection_metric, segmentation_metric
 
 BUILDERS = {"fasterrcnn": fasterrcnn, "retinanet": retinanet, "deeplabv3": deeplabv3}
-# Half torchvision's anchor sizes per FPN level: the shapes are 15-50 % of a 96-pixel image,
-# smaller than most of torchvision's 32-512 pixel anchors.
+# Half torchvision's anchor sizes per FPN level: the shapes span 15-50 % of the image side
+# (14-48 px at the default 96), smaller than most of torchvision's 32-512 pixel anchors.
 ANCHOR_BASES = (16, 32, 64, 128, 256)
 # Faster R-CNN proposal and sampling budgets turned down from torchvision's (2000 / 1000
 # proposals, 512 RoIs per image to the box head) for images with at most three objects: the box
