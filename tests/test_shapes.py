@@ -1,9 +1,11 @@
 """leanconv.shapes: the generated shapes dataset and its metrics."""
 
+import sys
+
 import pytest
 import torch
 
-from leanconv.shapes import ShapesDataset, box_ap50, collate, mean_iou
+from leanconv.shapes import ShapesDataset, collate, detection_metric, segmentation_metric
 
 
 def test_images_are_deterministic_and_targets_consistent():
@@ -26,23 +28,50 @@ def test_images_are_deterministic_and_targets_consistent():
     assert len(images) == len(targets) == 2
 
 
-def test_ap50_and_miou_values():
+def _coco_map(predictions, targets) -> dict:
+    metric = detection_metric()
+    metric.update(predictions, targets)
+    return {k: float(v) for k, v in metric.compute().items() if k in ("map", "map_50")}
+
+
+def test_detection_metric_is_coco_map():
+    pytest.importorskip("pycocotools")
     tgt = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]),
-            "labels": torch.tensor([1, 2])}]
-    perfect = [{"boxes": tgt[0]["boxes"], "labels": tgt[0]["labels"],
-                "scores": torch.tensor([0.9, 0.8])}]
-    assert box_ap50(perfect, tgt) == pytest.approx(1.0)
-    # Class 1 found (IoU 0.81), class 2 missed, plus a higher-scoring false positive of class 1:
-    # class 1 AP = precision 1/2 at recall 1 -> 0.5; class 2 AP = 0.
-    half = [{"boxes": torch.tensor([[0.0, 0, 9, 9], [50, 50, 60, 60]]),
-             "labels": torch.tensor([1, 1]), "scores": torch.tensor([0.5, 0.9])}]
-    assert box_ap50(half, tgt) == pytest.approx(0.25)
+            "labels": torch.tensor([1, 2]), "mask": torch.zeros(32, 32, dtype=torch.long)}]
+    scores = torch.tensor([0.9, 0.8])
+    perfect = [{"boxes": tgt[0]["boxes"], "labels": tgt[0]["labels"], "scores": scores}]
+    assert _coco_map(perfect, tgt) == pytest.approx({"map": 1.0, "map_50": 1.0})
+    # The class-1 box shrunk to 9x9 has IoU 0.81: a hit at the IoU thresholds .50 to .80 (7 of
+    # COCO's 10), a miss at .85 to .95, so class 1 AP = 0.7, class 2 AP = 1, mAP = 0.85.
+    shifted = [{"boxes": torch.tensor([[0.0, 0, 9, 9], [20, 20, 30, 30]]),
+                "labels": tgt[0]["labels"], "scores": scores}]
+    assert _coco_map(shifted, tgt) == pytest.approx({"map": 0.85, "map_50": 1.0})
     none = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
              "scores": torch.zeros(0)}]
-    assert box_ap50(none, tgt) == 0.0
-    t = torch.tensor([[0, 1], [2, 2]])
-    assert mean_iou(t, t) == 1.0
-    assert mean_iou(torch.tensor([[0, 1], [2, 0]]), t) == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+    assert _coco_map(none, tgt) == {"map": 0.0, "map_50": 0.0}
+
+
+def test_segmentation_metric_is_mean_iou():
+    target = torch.tensor([[0, 1], [2, 2]])
+    metric = segmentation_metric()
+    metric.update(target, target)
+    assert float(metric.compute()) == 1.0
+    # IoU background 1/2, rectangle 1, ellipse 1/2; triangle (in neither map) is left out.
+    metric = segmentation_metric()
+    metric.update(torch.tensor([[0, 1], [2, 0]]), target)
+    assert float(metric.compute()) == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+    # Accumulated over updates: intersections and unions are summed before dividing.
+    metric.update(target, target)
+    assert float(metric.compute()) == pytest.approx((2 / 3 + 1 + 3 / 4) / 3)
+
+
+@pytest.mark.parametrize("factory, module", [(detection_metric, "torchmetrics.detection"),
+                                             (segmentation_metric,
+                                              "torchmetrics.classification")])
+def test_metrics_name_the_extra_when_torchmetrics_is_missing(factory, module, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"leanconv\[detection\]"):
+        factory()
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -55,16 +84,27 @@ def test_bad_arguments(kwargs, match):
         ShapesDataset(**kwargs)
 
 
-@pytest.mark.parametrize("model", ["deeplabv3", "retinanet"])
-def test_example_script_trains_and_scores(model, monkeypatch, capsys):
+@pytest.mark.parametrize("model, metrics", [("deeplabv3", {"mIoU"}),
+                                            ("fasterrcnn", {"mAP", "AP50"})])
+def test_example_script_trains_scores_and_writes(model, metrics, tmp_path, monkeypatch, capsys):
     pytest.importorskip("torchvision")
+    pytest.importorskip("matplotlib")
+    import json
     import runpy
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "detection.py"
-    monkeypatch.setattr("sys.argv", [str(script), "--model", model, "--conv", "ghost",
+    monkeypatch.setattr("sys.argv", [str(script), "--model", model, "--convs", "vanilla,ghost",
                                      "--steps", "2", "--size", "32", "--train-images", "8",
-                                     "--test-images", "4", "--batch-size", "4"])
+                                     "--test-images", "4", "--batch-size", "4", "--show", "2",
+                                     "--out", str(tmp_path)])
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
-    assert "step 2/2" in out and ("test mIoU" in out or "test box AP50" in out)
+    assert "| vanilla | 11.18 |" in out and "| ghost |" in out
+    runs = json.loads((tmp_path / f"{model}.json").read_text())["runs"]
+    assert [r["conv"] for r in runs] == ["vanilla", "ghost"]
+    for r in runs:
+        assert metrics <= set(r) and all(0 <= r[m] <= 1 for m in metrics)
+        assert r["train_seconds"] > 0 and r["backbone_params"] < r["params"]
+    assert (tmp_path / f"{model}.md").read_text().count("\n|") == 4  # header, rule, 2 rows
+    assert (tmp_path / f"{model}.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,16 +8,17 @@ cover part of an earlier one. Targets follow torchvision's conventions: ``boxes`
 ``x1, y1, x2, y2`` pixels, ``labels`` (n,) int64, and a semantic ``mask`` (H, W) int64 of class
 ids (the visible shape at each pixel).
 
-Metrics: :func:`box_ap50` (mean over classes of the VOC-style all-point-interpolated average
-precision at IoU 0.5, Everingham et al. 2010, *The PASCAL VOC Challenge*, IJCV) and
-:func:`mean_iou` (per-class intersection over union averaged over the classes present).
+Metrics come from torchmetrics (``pip install 'leanconv[detection]'``), not from hand-written
+matching: :func:`detection_metric` is COCO box mAP (``MeanAveragePrecision`` on pycocotools, the
+reference COCO evaluator) and :func:`segmentation_metric` the mean IoU over classes
+(``MulticlassJaccardIndex``), both accumulated over a whole split with ``update`` / ``compute``.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["CLASSES", "ShapesDataset", "box_ap50", "collate", "mean_iou"]
+__all__ = ["CLASSES", "ShapesDataset", "collate", "detection_metric", "segmentation_metric"]
 
 CLASSES = ("background", "rectangle", "ellipse", "triangle")
 
@@ -103,64 +104,31 @@ def collate(batch):
     return list(images), list(targets)
 
 
-def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
+def detection_metric():
+    """COCO box mAP: torchmetrics' ``MeanAveragePrecision(iou_type="bbox")`` on pycocotools.
 
-
-def box_ap50(predictions: list[dict], targets: list[dict], num_classes: int = 4) -> float:
-    """Mean over foreground classes (those with ground truth) of the AP at IoU >= 0.5.
-
-    ``predictions``: per image ``{"boxes", "labels", "scores"}``; ``targets``: per image
-    ``{"boxes", "labels"}``. Each ground-truth box matches at most one prediction, highest
-    score first (VOC protocol, no "difficult" flags).
+    ``update(predictions, targets)`` takes torchvision's per-image dicts (predictions ``boxes``,
+    ``scores``, ``labels``; targets ``boxes``, ``labels``, extra keys ignored); ``compute()``
+    returns ``map`` (mAP@[.5:.95]), ``map_50``, ``map_75``, ... as tensors.
     """
-    aps = []
-    for cls in range(1, num_classes):
-        n_gt = sum(int((t["labels"] == cls).sum()) for t in targets)
-        if n_gt == 0:
-            continue
-        scored = []  # (score, true positive?)
-        for pred, tgt in zip(predictions, targets, strict=True):
-            gt = tgt["boxes"][tgt["labels"] == cls]
-            sel = pred["labels"] == cls
-            boxes, scores = pred["boxes"][sel], pred["scores"][sel]
-            order = scores.argsort(descending=True)
-            used = torch.zeros(len(gt), dtype=torch.bool)
-            ious = _iou(boxes[order], gt) if len(gt) and len(boxes) else None
-            for rank, i in enumerate(order.tolist()):
-                hit = False
-                if ious is not None:
-                    iou = ious[rank].masked_fill(used, -1)
-                    best = int(iou.argmax())
-                    if iou[best] >= 0.5:
-                        used[best] = hit = True
-                scored.append((float(scores[i]), hit))
-        scored.sort(key=lambda p: -p[0])
-        tp = torch.tensor([h for _, h in scored], dtype=torch.float64).cumsum(0)
-        if len(tp) == 0:
-            aps.append(0.0)
-            continue
-        precision = tp / torch.arange(1, len(tp) + 1, dtype=torch.float64)
-        recall = tp / n_gt
-        # all-point interpolation: precision made monotone, summed over recall steps
-        precision = torch.flip(torch.cummax(torch.flip(precision, [0]), 0).values, [0])
-        steps = torch.cat([recall[:1], recall[1:] - recall[:-1]])
-        aps.append(float((precision * steps).sum()))
-    return sum(aps) / len(aps) if aps else 0.0
+    try:
+        from torchmetrics.detection import MeanAveragePrecision
+    except ImportError:
+        raise ImportError("leanconv.shapes.detection_metric needs torchmetrics and pycocotools: "
+                          "pip install 'leanconv[detection]'") from None
+    return MeanAveragePrecision(iou_type="bbox", backend="pycocotools")
 
 
-def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 4) -> float:
-    """Per-class IoU of integer label maps ``pred`` and ``target`` (same shape), averaged over
-    the classes present in either."""
-    ious = []
-    for cls in range(num_classes):
-        p, t = pred == cls, target == cls
-        union = int((p | t).sum())
-        if union:
-            ious.append(int((p & t).sum()) / union)
-    return sum(ious) / len(ious) if ious else 0.0
+def segmentation_metric(num_classes: int = len(CLASSES)):
+    """Mean IoU: torchmetrics' ``MulticlassJaccardIndex`` (macro average over ``num_classes``,
+    background included; a class in neither prediction nor target is left out).
+
+    ``update(pred, target)`` takes integer label maps of the same shape; ``compute()`` the
+    dataset-level mIoU (intersections and unions summed over every update, then divided).
+    """
+    try:
+        from torchmetrics.classification import MulticlassJaccardIndex
+    except ImportError:
+        raise ImportError("leanconv.shapes.segmentation_metric needs torchmetrics: "
+                          "pip install 'leanconv[detection]'") from None
+    return MulticlassJaccardIndex(num_classes=num_classes, average="macro")
