@@ -375,3 +375,26 @@ def test_compare_takes_a_plan_file(tmp_path, monkeypatch):
         main(["compare", "--budget", "tiny", "--data", "synthetic", "--model", "resnet32",
               "--plan", str(path), "--out", str(tmp_path / "other")])
     assert exc.value.code == 2
+
+
+def test_paired_difference_and_verdict():
+    from leanconv.compare import accuracy_verdict, paired_difference
+
+    ref = {0: 0.91, 1: 0.93, 2: 0.93}
+    mean, half, n = paired_difference({0: 0.90, 1: 0.92, 2: 0.91, 5: 0.5}, ref)  # seed 5 unpaired
+    assert n == 3
+    assert mean == pytest.approx(-0.04 / 3)
+    # t(0.975, 2 dof) = 4.303, sample std of (-0.01, -0.01, -0.02) = 0.005774
+    assert half == pytest.approx(4.303 * 0.0057735 / 3 ** 0.5, rel=1e-4)
+    row = {"conv": "spconv", "top1_diff": mean, "top1_diff_ci95": half, "top1_pairs": n,
+           "mac_reduction": 2.0}
+    assert accuracy_verdict(row).startswith("spconv: matches vanilla at 2.00x fewer MACs")
+    # the same loss on every seed: a zero-width interval that excludes 0
+    mean, half, n = paired_difference({0: 0.90, 1: 0.92}, {0: 0.91, 1: 0.93})
+    assert (mean, half, n) == (pytest.approx(-0.01), pytest.approx(0.0), 2)
+    row.update(top1_diff=mean, top1_diff_ci95=half, top1_pairs=n)
+    assert accuracy_verdict(row).startswith("spconv: loses 1.00 points at 2.00x fewer MACs")
+    assert paired_difference({3: 0.9}, ref) is None
+    mean, half, n = paired_difference({0: 0.95}, ref)
+    assert half is None and "one seed" in accuracy_verdict(
+        {**row, "top1_diff": mean, "top1_diff_ci95": half, "top1_pairs": n})

@@ -597,6 +597,7 @@ def run_compare(
             "error": s.get("error") or errors.get(conv),
         })
         rows.append(row)
+    _add_paired_differences(rows, done)
 
     env["load_average_end"] = env_load()
     results = {
@@ -627,6 +628,61 @@ def run_compare(
     say(f"study finished in {_fmt_s(results['seconds'])}; {len(stats['computed'])} piece(s) "
         f"computed, {len(stats['reused'])} reused; results in {out}")
     return results
+
+
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (1-30); more seeds use 1.96.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_difference(values: dict[int, float], reference: dict[int, float]
+                      ) -> tuple[float, float | None, int] | None:
+    """Mean of ``values[s] - reference[s]`` over the seeds ``s`` both have, the half-width of
+    its 95 % t-interval (None with one seed) and the number of pairs; None without a pair.
+
+    Pairing by seed removes what the seed does to both runs alike (data order, augmentation),
+    so the interval is that of the difference, not of two independent means.
+    """
+    diffs = [values[s] - reference[s] for s in sorted(values) if s in reference]
+    if not diffs:
+        return None
+    n = len(diffs)
+    if n == 1:
+        return diffs[0], None, 1
+    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
+    return statistics.fmean(diffs), t * statistics.stdev(diffs) / math.sqrt(n), n
+
+
+def _add_paired_differences(rows: list[dict], done: dict) -> None:
+    """Each row's top-1 difference to vanilla, paired by seed (``top1_diff``,
+    ``top1_diff_ci95`` half-width, ``top1_pairs``); None where vanilla has no common seed."""
+    by_conv: dict[str, dict[int, float]] = {}
+    for (conv, seed), entry in done.items():
+        by_conv.setdefault(conv, {})[seed] = entry["top1"]
+    reference = by_conv.get("vanilla", {})
+    for row in rows:
+        paired = (paired_difference(by_conv.get(row["conv"], {}), reference)
+                  if row["conv"] != "vanilla" else None)
+        row["top1_diff"], row["top1_diff_ci95"], row["top1_pairs"] = paired or (None, None, 0)
+
+
+def accuracy_verdict(row: dict) -> str | None:
+    """One plain sentence on a row's accuracy against vanilla (None without a paired run)."""
+    if row.get("top1_diff") is None:
+        return None
+    diff, half, n = 100 * row["top1_diff"], row["top1_diff_ci95"], row["top1_pairs"]
+    fewer = (f" at {row['mac_reduction']:.2f}x fewer MACs" if row.get("mac_reduction")
+             else "")
+    if half is None:
+        return (f"{row['conv']}: {diff:+.2f} points against vanilla from one seed: too few "
+                f"runs to tell from seed noise")
+    low, high = diff - 100 * half, diff + 100 * half
+    span = f"{diff:+.2f} points, 95 % interval {low:+.2f} to {high:+.2f}, {n} paired seeds"
+    if low <= 0 <= high:
+        return f"{row['conv']}: matches vanilla{fewer} ({span})"
+    word = "loses" if diff < 0 else "gains"
+    return f"{row['conv']}: {word} {abs(diff):.2f} points{fewer} ({span})"
 
 
 def _plan_counts(plan: dict) -> dict[str, int]:
@@ -741,7 +797,8 @@ def env_load():
 # latency_b{B}_ratio for each latency batch size B.
 JSON_COLUMNS = ("conv", "hparams", "params", "macs", "params_ratio", "mac_reduction",
                 "train_images_per_s", "train_ratio", "backward_bytes", "memory_ratio",
-                "peak_bytes", "top1_mean", "top1_std", "top1_runs", "seeds", "epochs",
+                "peak_bytes", "top1_mean", "top1_std", "top1_runs", "top1_diff", "top1_diff_ci95",
+                "top1_pairs", "seeds", "epochs",
                 "train_time_s", "run_images_per_s", "error")
 
 
@@ -751,7 +808,7 @@ def md_columns(batches: Sequence[int]) -> list[str]:
     for b in batches:
         cols += [f"latency b{b}", f"ratio b{b}"]
     return [*cols, "train img/s", "train ratio", "bwd memory", "memory ratio", "top-1 %",
-            "train time"]
+            "vs vanilla", "train time"]
 
 
 def _si(n, unit=""):
@@ -772,6 +829,17 @@ def _top1(row) -> str:
     if row["top1_std"] is not None:
         text += f" ± {100 * row['top1_std']:.2f}"
     return text + f" (n={n})"
+
+
+def _diff(row) -> str:
+    if row["conv"] == "vanilla":
+        return "reference"
+    if row.get("top1_diff") is None:
+        return "-"
+    text = f"{100 * row['top1_diff']:+.2f}"
+    if row.get("top1_diff_ci95") is not None:
+        text += f" ± {100 * row['top1_diff_ci95']:.2f}"
+    return text
 
 
 def format_results(results: dict) -> str:
@@ -816,8 +884,13 @@ def format_results(results: dict) -> str:
         ips = row["train_images_per_s"]
         cells += ["-" if ips is None else f"{ips:.0f}", _x(row["train_ratio"]),
                   _si(row["backward_bytes"], "B"), _x(row["memory_ratio"]), _top1(row),
+                  _diff(row),
                   "-" if row["train_time_s"] is None else _fmt_s(row["train_time_s"])]
         lines.append("| " + " | ".join(cells) + " |")
+    verdicts = [v for v in map(accuracy_verdict, results["rows"]) if v]
+    if verdicts:
+        lines += ["", "Accuracy against vanilla (top-1 difference paired by seed, 95 % "
+                  "t-interval):", "", *(f"- {v}" for v in verdicts)]
     for row in results["rows"]:
         if row["error"]:
             lines.append(f"\n{row['conv']}: {row['error']}")
@@ -837,7 +910,8 @@ def format_results(results: dict) -> str:
         "",
         "ratio = module / vanilla (latency: <= 1 is faster; train: >= 1 is faster; memory: "
         "<= 1 is smaller); MAC red. = vanilla MACs / module MACs; MACs = multiply-accumulates "
-        "per image (the papers' FLOPs); train time = mean time of one training run's epochs "
-        "(training + evaluation).",
+        "per image (the papers' FLOPs); vs vanilla = mean top-1 difference to vanilla in "
+        "points, paired by seed, ± the half-width of its 95 % t-interval; train time = mean "
+        "time of one training run's epochs (training + evaluation).",
     ]
     return "\n".join(lines)
