@@ -339,3 +339,19 @@ def test_network_key_tells_two_models_of_one_class_apart():
     assert len(keys) == 3
     assert P._network_key("inference", "eager", a, (3, 32, 32)) == P._network_key(
         "inference", "eager", leanconv.create_model("resnet20", num_classes=10), (3, 32, 32))
+
+
+def test_replaceable_layers_follow_convert_convs_rule():
+    from torch import nn
+
+    from leanconv.plan import replaceable_layers
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),              # the stem: kept
+        nn.Conv2d(8, 8, 3, padding=0),              # not same-padded: a rebuild would re-pad it
+        nn.Conv2d(8, 8, 3, padding=1),              # replaceable
+        nn.Conv2d(8, 8, 1),                         # 1x1: replaceable (CompConv, Ghost)
+        nn.Conv2d(8, 8, 3, padding=1, groups=2),    # grouped: kept
+        nn.Conv2d(8, 8, 2, padding=1),              # even kernel: kept
+    )
+    assert list(replaceable_layers(model, (3, 16, 16))) == ["2", "3"]

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from .layers import available_convs, conv_class, create_conv
+from .layers.convert import replaceable_geometry
 from .models.placement import resolve_placement
 
 __all__ = [
@@ -148,10 +149,9 @@ class LayerShape:
 
 
 def _is_replaceable(conv: nn.Module) -> bool:
-    # Same rule as convert_convs' default, plus 1x1s (CompConv and Ghost replace them too).
-    return (type(conv) in (nn.Conv2d, conv_class("vanilla")) and conv.groups == 1
-            and conv.in_channels > 4 and conv.kernel_size[0] == conv.kernel_size[1]
-            and conv.padding_mode == "zeros")
+    # convert_convs' rule, 1x1s included (CompConv and Ghost replace them too).
+    return (type(conv) in (nn.Conv2d, conv_class("vanilla")) and conv.padding_mode == "zeros"
+            and replaceable_geometry(conv))
 
 
 def replaceable_layers(model: nn.Module, input_shape: Sequence[int]) -> dict[str, LayerShape]:

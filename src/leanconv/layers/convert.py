@@ -20,15 +20,20 @@ def _has_same_padding(conv: nn.Conv2d) -> bool:
     return conv.padding == "same" or conv.padding == (pad, pad)
 
 
-def _default_predicate(name: str, conv: nn.Conv2d) -> bool:
-    # The papers replace the k x k convs of the body: not 1x1s, not grouped/depthwise convs, and not
-    # the stem that reads the image (too few channels to split; every paper keeps it vanilla).
-    # The conv types build odd square kernels with same padding only: other convs are kept, not
-    # silently given another kernel or padding.
+def replaceable_geometry(conv: nn.Conv2d) -> bool:
+    """Whether the conv types can rebuild ``conv`` as it is: an ungrouped conv with an odd square
+    kernel, same padding, equal strides and dilations, more than 4 input channels (not the stem
+    that reads the image). Other convs are kept, not silently given another kernel or padding."""
     k = conv.kernel_size[0]
-    return (conv.kernel_size == (k, k) and k > 1 and k % 2 == 1 and conv.groups == 1
+    return (conv.kernel_size == (k, k) and k % 2 == 1 and conv.groups == 1
             and conv.in_channels > 4 and conv.stride[0] == conv.stride[1]
             and conv.dilation[0] == conv.dilation[1] and _has_same_padding(conv))
+
+
+def _default_predicate(name: str, conv: nn.Conv2d) -> bool:
+    # The papers replace the k x k convs of the body (not 1x1s, not grouped/depthwise convs, not
+    # the stem: too few channels to split; every paper keeps it vanilla).
+    return conv.kernel_size[0] > 1 and replaceable_geometry(conv)
 
 
 @dataclass
