@@ -680,7 +680,7 @@ def accuracy_verdict(row: dict) -> str | None:
     low, high = diff - 100 * half, diff + 100 * half
     span = f"{diff:+.2f} points, 95 % interval {low:+.2f} to {high:+.2f}, {n} paired seeds"
     if low <= 0 <= high:
-        return f"{row['conv']}: matches vanilla{fewer} ({span})"
+        return f"{row['conv']}: matches vanilla within seed noise{fewer} ({span})"
     word = "loses" if diff < 0 else "gains"
     return f"{row['conv']}: {word} {abs(diff):.2f} points{fewer} ({span})"
 
