@@ -48,6 +48,9 @@ def test_builder_learns_the_shapes_in_20_steps(name, conv):
     model = BUILDERS[name](conv).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    # examples/detection.py's schedule: one-cycle, a short warm-up (RetinaNet's focal loss
+    # jumps under the full rate at step 1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=STEPS, pct_start=0.1)
     losses = []
     for images, targets in loader:
         loss = loss_of(name, model, images, targets)
@@ -55,6 +58,7 @@ def test_builder_learns_the_shapes_in_20_steps(name, conv):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
         opt.step()
+        sched.step()
         losses.append(loss.item())
     assert len(losses) == STEPS and all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
