@@ -159,15 +159,7 @@ def plan_rewiring(model: nn.Module, targets: Collection[str],
         reason = (f"torch.fx cannot trace the model to rewire the layers after it "
                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         for name in targets:
-            old = modules[name]
-            try:
-                width = out_channels(name, old.in_channels)
-            except ValueError as err:
-                rewiring.errors[name] = str(err).splitlines()[0]
-                continue
-            if width != old.out_channels:
-                rewiring.errors[name] = (f"the replacement gives {width} channels, not "
-                                         f"{old.out_channels}; {reason}")
+            _unfollowable(rewiring, name, modules[name], out_channels, f"; {reason}")
         return rewiring
     targets = set(targets)
     for node in graph.nodes:
@@ -207,14 +199,19 @@ def plan_rewiring(model: nn.Module, targets: Collection[str],
             other for other in (*norms, *readers) if other not in rewiring.rewired.get(name, ()))
     # A target inside a module fx keeps whole, or never called, cannot be followed.
     for name in targets - {n.target for n in graph.nodes if n.op == "call_module"}:
-        old = modules[name]
-        try:
-            width = out_channels(name, old.in_channels)
-        except ValueError as err:
-            rewiring.errors[name] = str(err).splitlines()[0]
-            continue
-        if width != old.out_channels:
-            rewiring.errors[name] = (f"the replacement gives {width} channels, not "
-                                     f"{old.out_channels}, and the torch.fx graph of the model "
-                                     f"does not call the layer")
+        _unfollowable(rewiring, name, modules[name], out_channels,
+                      ", and the torch.fx graph of the model does not call the layer")
     return rewiring
+
+
+def _unfollowable(rewiring: Rewiring, name: str, old: nn.Conv2d, out_channels, reason: str
+                  ) -> None:
+    """Record why target ``name``, whose output cannot be followed, fails if its width changes."""
+    try:
+        width = out_channels(name, old.in_channels)
+    except ValueError as err:
+        rewiring.errors[name] = str(err).splitlines()[0]
+        return
+    if width != old.out_channels:
+        rewiring.errors[name] = (f"the replacement gives {width} channels, not "
+                                 f"{old.out_channels}{reason}")
