@@ -99,6 +99,34 @@ def test_solve_never_exceeds_the_budget_when_rounding():
     assert P.solve(options, 9.0) is None  # lightest is 10
 
 
+def test_solve_keeps_the_floor():
+    def total(options, picks, k):
+        return sum(o[j][k] for o, j in zip(options, picks, strict=True))
+
+    rng = random.Random(1)
+    for _ in range(40):
+        options = [[(rng.uniform(0.1, 2.0), rng.randint(1, 20)) for _ in range(rng.randint(1, 4))]
+                   for _ in range(rng.randint(1, 5))]
+        budget = rng.randint(5, 60)
+        floor = rng.randint(0, budget)
+        got = P.solve(options, budget, resolution=budget * 8, floor=floor)  # unit 1/8
+        feasible = [picks for picks in itertools.product(*(range(len(o)) for o in options))
+                    if floor <= total(options, picks, 1) <= budget]
+        if got is None:  # only where the rounding margin (one unit per layer) rules all out
+            assert all(8 * total(options, p, 1) < 8 * floor + len(options) for p in feasible)
+            continue
+        assert floor <= total(options, got, 1) <= budget
+        # least cost among the choices the margin admits
+        admitted = [p for p in feasible if 8 * total(options, p, 1) >= 8 * floor + len(options)]
+        assert total(options, got, 0) == pytest.approx(min(total(options, p, 0) for p in admitted))
+    # without the floor the cheapest choice is the lightest; the floor forces a heavier one
+    options = [[(1.0, 10), (0.1, 2)], [(1.0, 10), (0.1, 2)]]
+    assert P.solve(options, 20, resolution=20) == [1, 1]
+    picks = P.solve(options, 20, resolution=200, floor=11)  # 12 >= 11 + the 0.2 margin
+    assert sorted(picks) == [0, 1]
+    assert P.solve(options, 20, floor=21) is None
+
+
 def _synthetic_table(tmp_path, model="resnet20", batch=8, fast_at=64):
     """A cached table where Ghost is twice as fast as vanilla at ``fast_at`` input channels and
     three times slower elsewhere, every other candidate 5x slower: the answer is known."""
@@ -147,6 +175,13 @@ def test_plan_on_a_synthetic_table_has_the_known_answer(tmp_path, monkeypatch):
                        max_time=1.0, **{**FAST, "batch": 8})
     assert lean.totals["predicted_time"] <= 100.0 + 1e-9
     assert lean.totals["macs"] < plan.totals["macs"]
+    # a MAC floor above the fastest plan's MACs keeps vanilla at some layers it replaced
+    floor = (plan.totals["mac_fraction"] + 1.0) / 2
+    kept = P.make_plan("resnet20", convs=["ghost", "spconv"], cache_dir=tmp_path,
+                       min_macs=floor, **{**FAST, "batch": 8})
+    assert floor <= kept.totals["mac_fraction"] <= 1.0
+    assert kept.totals["predicted_time"] > plan.totals["predicted_time"]
+    assert kept.budget == {"max_macs": 1.0, "min_macs": floor}
 
 
 def test_width_aligned_variants_give_multiples_of_the_block():
@@ -252,6 +287,10 @@ def test_bad_input_gets_one_clear_error(synthetic_plan, tmp_path, capsys):
         P.make_plan("resnet20", convs=["slim"], cache_dir=tmp_path, **FAST)
     with pytest.raises(P.PlanError, match="objective='speed'; allowed: inference, training"):
         P.make_plan("resnet20", objective="speed", cache_dir=tmp_path, **FAST)
+    with pytest.raises(P.PlanError, match=r"min_macs=0\.9; must be >= 0 and below max_macs=0\.8"):
+        P.make_plan("resnet20", max_macs=0.8, min_macs=0.9, cache_dir=tmp_path, **FAST)
+    with pytest.raises(P.PlanError, match="give it with --max-macs"):
+        P.make_plan("resnet20", max_time=0.8, min_macs=0.5, cache_dir=tmp_path, **FAST)
     with pytest.raises(P.PlanError, match=r"max_macs=0.1 cannot be met .* smallest achievable "
                        r"is 0\.\d+ of vanilla's MACs"):
         P.make_plan("resnet20", convs=["ghost", "spconv"], max_macs=0.1, cache_dir=tmp_path,
@@ -286,6 +325,9 @@ def test_bad_input_gets_one_clear_error(synthetic_plan, tmp_path, capsys):
             (["plan", "resnet20", "--convs", "slim", "--cache", str(tmp_path)],
              "unknown conv 'slim'; available convs"),
             (["plan", "resnet20", "--max-macs", "-1"], "--max-macs"),
+            (["plan", "resnet20", "--max-time", "0.9", "--min-macs", "0.5", "--cache",
+              str(tmp_path)], "min_macs is a floor under the MAC budget"),
+            (["plan", "resnet20", "--min-macs", "-0.5"], "--min-macs"),
             (["train", "resnet32", "--data", "synthetic", "--plan", str(path),
               "--out", str(tmp_path / "r")], "made for model 'resnet20', not 'resnet32'"),
             (["bench", "resnet20", "--plan", str(bad)], "corrupted leanconv plan")):

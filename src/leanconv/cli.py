@@ -591,6 +591,9 @@ def _add_plan(sub) -> None:
     budget.add_argument("--max-time", type=_positive_float, default=None, metavar="F",
                         help="time budget as a fraction of vanilla's predicted time; the MACs "
                         "are minimised")
+    p.add_argument("--min-macs", type=_non_negative_float, default=None, metavar="F",
+                   help="with the MAC budget: keep at least this fraction of vanilla's MACs "
+                   "(a floor against plans too lean to keep accuracy)")
     p.add_argument("--convs", default=None, metavar="NAME[,NAME...]",
                    help="candidate conv types (default: every registered one; vanilla is "
                    "always a candidate)")
@@ -616,7 +619,8 @@ def _add_plan(sub) -> None:
         plan = make_plan(  # a PlanError is a ValueError: main() prints one line
             args.model, input_size=args.input, batch=args.batch, num_classes=args.classes,
             in_channels=args.in_channels, objective=args.objective, max_macs=args.max_macs,
-            max_time=args.max_time, convs=convs, threads=args.threads, device=args.device,
+            max_time=args.max_time, min_macs=args.min_macs, convs=convs, threads=args.threads,
+            device=args.device,
             rounds=args.rounds, min_run_time=args.min_run_time, cache_dir=args.cache,
             check=not args.no_check,
             progress=lambda msg: print(msg, file=sys.stderr, flush=True))
