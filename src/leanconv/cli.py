@@ -620,9 +620,8 @@ def _add_plan(sub) -> None:
             args.model, input_size=args.input, batch=args.batch, num_classes=args.classes,
             in_channels=args.in_channels, objective=args.objective, max_macs=args.max_macs,
             max_time=args.max_time, min_macs=args.min_macs, convs=convs, threads=args.threads,
-            device=args.device,
-            rounds=args.rounds, min_run_time=args.min_run_time, cache_dir=args.cache,
-            check=not args.no_check,
+            device=args.device, rounds=args.rounds, min_run_time=args.min_run_time,
+            cache_dir=args.cache, check=not args.no_check,
             progress=lambda msg: print(msg, file=sys.stderr, flush=True))
         plan.save(args.out)
         print(format_plan(plan))

@@ -747,7 +747,7 @@ def make_plan(
             picked = solve(opts, budget, floor=floor)
             if picked is None:
                 smallest = fixed_macs + sum(min(w for _, w in o) for o in opts)
-                if smallest <= max_macs * vanilla_macs:
+                if min_macs is not None and smallest <= max_macs * vanilla_macs:
                     raise PlanError(
                         f"min_macs={min_macs} and max_macs={max_macs} cannot both be met with "
                         "these candidates: no choice of convs lands between them; widen the "
